@@ -1,0 +1,1 @@
+"""The ``gsva-ros`` command-line tools (each subcommand lives in its own module)."""

@@ -1,0 +1,105 @@
+"""``gsva-ros train``: train the tiny GSVA from scratch, or fine-tune a model directory.
+
+    gsva-ros train --data data/synth-train --config tiny --out runs/tiny
+    gsva-ros train --data refer_seg/grefcoco --images coco/train2014 --config models/gsva-7b --out runs/ft
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help="train the tiny GSVA or fine-tune a model (LoRA for 7B/13B)")
+    p.add_argument("--data", required=True, help="gRefCOCO-format dataset directory")
+    p.add_argument("--images", default=None, help="image directory (default DATA/images)")
+    p.add_argument("--split", default="train")
+    p.add_argument(
+        "--config",
+        default="tiny",
+        help="'tiny' (new model + tokenizer built from the data), a GSVAConfig .json, "
+        "or a model directory to fine-tune",
+    )
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--max-slots", type=int, default=5, help="expressions per conversation")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--vocab-size", type=int, default=512, help="tiny tokenizer size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    return p
+
+
+def build_new_model(config_arg: str, sentences: list[str], vocab_size: int, seed: int):
+    """A randomly initialised model and a tokenizer trained on the dataset's sentences."""
+    import torch
+
+    from gsva_ros.model.config import GSVAConfig, tiny
+    from gsva_ros.model.gsva import GSVAModel
+    from gsva_ros.model.tokenizer import build_tiny_tokenizer, token_ids
+
+    tokenizer = build_tiny_tokenizer(sentences, vocab_size=vocab_size)
+    config = tiny() if config_arg == "tiny" else GSVAConfig.load(config_arg)
+    config.vocab_size = len(tokenizer)
+    for k, v in token_ids(tokenizer).items():
+        setattr(config, k, v)
+    torch.manual_seed(seed)
+    return GSVAModel(config), tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from gsva_ros.data.grefcoco import load_grefcoco
+    from gsva_ros.model.checkpoint import load_checkpoint, load_tokenizer
+    from gsva_ros.model.config import GSVAConfig
+    from gsva_ros.model.gsva import GSVAModel
+    from gsva_ros.training import TrainOptions, train
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    samples = load_grefcoco(args.data, split=args.split, image_dir=args.images)
+    if not samples:
+        print(f"error: no samples in split {args.split!r} of {args.data}")
+        return 2
+    out = Path(args.out)
+    resume = args.resume and (out / "last" / "train_state.pt").is_file()
+    if resume:  # weights and optimiser come from train_state.pt inside train()
+        config = GSVAConfig.load(out / "last" / "config.json")
+        model, tokenizer = GSVAModel(config), load_tokenizer(out / "last")
+    elif Path(args.config).is_dir():
+        model, tokenizer = load_checkpoint(args.config)
+    else:
+        model, tokenizer = build_new_model(
+            args.config, [s.sentence for s in samples], args.vocab_size, args.seed
+        )
+    opts = TrainOptions(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        max_slots=args.max_slots,
+        precision=args.precision,
+        save_every=args.save_every,
+        seed=args.seed,
+    )
+    summary = train(model, tokenizer, samples, out, opts, resume=resume)
+    final = summary["final"] or {}
+    rows = [
+        ("model", model.config.name),
+        ("parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"),
+        ("samples", str(len(samples))),
+        ("steps", str(summary["steps"])),
+        ("minutes", f"{summary['minutes']:.1f}"),
+        *[(f"final {k} (ema)", f"{v:.4f}") for k, v in final.items()],
+        ("saved to", summary["out"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0

@@ -1,0 +1,1 @@
+"""Pure-PyTorch GSVA (no ROS): config, preprocessing, prompt, model, decoding, checkpoints."""

@@ -1,0 +1,296 @@
+"""``GSVAModel``: LLaVA (transformers) + SAM (segment_anything) + ``text_hidden_fcs``.
+
+Module names mirror the official checkpoint where they can (``visual_model`` is a
+``segment_anything`` ``Sam``, ``text_hidden_fcs`` is a one-element ``ModuleList``), so the
+converter maps keys by prefix only. Differences to transformers' LLaVA that GSVA needs:
+
+- LLaVA v1 projects CLIP features with one ``Linear(1024 → H)``; transformers' projector is
+  Linear–GELU–Linear, so it is replaced by :class:`LinearProjector`.
+- Image features come from CLIP layer ``vision_feature_layer`` (−2) with CLS dropped (256
+  tokens); they are written into the sequence at the ``IMAGE_TOKEN_INDEX`` sentinels, which is
+  what LLaVA's ``prepare_inputs_labels_for_multimodal`` does.
+- The mask embedding of a ``[SEG]`` at position p is the post-norm last-layer hidden state at
+  p − 1 (the state that predicts ``[SEG]``), projected by ``text_hidden_fcs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+from torch import nn
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from gsva_ros.model.config import IMAGE_TOKEN_INDEX, GSVAConfig
+from gsva_ros.model.preprocess import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
+
+class LinearProjector(nn.Module):
+    """LLaVA v1's ``mm_projector``: a single Linear from CLIP width to the LLM width."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear(image_features)
+
+
+def build_llava(cfg: GSVAConfig) -> LlavaForConditionalGeneration:
+    text = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden_size,
+        intermediate_size=cfg.vision_intermediate_size,
+        num_hidden_layers=cfg.vision_num_hidden_layers,
+        num_attention_heads=cfg.vision_num_attention_heads,
+        image_size=cfg.vision_image_size,
+        patch_size=cfg.vision_patch_size,
+        projection_dim=cfg.vision_projection_dim,
+        hidden_act="quick_gelu",
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=cfg.pad_token_id,  # unused: images enter through the -200 sentinel
+        image_seq_length=cfg.num_image_tokens,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = "sdpa"
+    llava = LlavaForConditionalGeneration(config)
+    llava.model.multi_modal_projector = LinearProjector(cfg.vision_hidden_size, cfg.hidden_size)
+    return llava
+
+
+def build_sam(cfg: GSVAConfig) -> Sam:
+    emb = cfg.sam_embedding_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=cfg.sam_image_size,
+            patch_size=cfg.sam_patch_size,
+            embed_dim=cfg.sam_embed_dim,
+            depth=cfg.sam_depth,
+            num_heads=cfg.sam_num_heads,
+            mlp_ratio=4,
+            out_chans=cfg.sam_prompt_dim,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=cfg.sam_window_size,
+            global_attn_indexes=tuple(cfg.sam_global_attn_indexes),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=cfg.sam_prompt_dim,
+            image_embedding_size=(emb, emb),
+            input_image_size=(cfg.sam_image_size, cfg.sam_image_size),
+            mask_in_chans=cfg.sam_mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=cfg.sam_decoder_depth,
+                embedding_dim=cfg.sam_prompt_dim,
+                mlp_dim=cfg.sam_decoder_mlp_dim,
+                num_heads=cfg.sam_decoder_num_heads,
+            ),
+            transformer_dim=cfg.sam_prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=cfg.sam_iou_head_hidden_dim,
+        ),
+        pixel_mean=list(SAM_PIXEL_MEAN),
+        pixel_std=list(SAM_PIXEL_STD),
+    )
+
+
+@dataclass
+class TrainOutput:
+    loss: torch.Tensor
+    ce: torch.Tensor
+    bce: torch.Tensor
+    dice: torch.Tensor
+
+
+class GSVAModel(nn.Module):
+    def __init__(self, config: GSVAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.llava = build_llava(config)
+        self.visual_model = build_sam(config)
+        h, out = config.hidden_size, config.sam_prompt_dim
+        self.text_hidden_fcs = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Linear(h, h), nn.ReLU(inplace=True), nn.Linear(h, out), nn.Dropout(0.0)
+                )
+            ]
+        )
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def language_model(self) -> nn.Module:
+        return self.llava.model.language_model
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.llava.lm_head
+
+    def encode_clip(self, clip_pixels: torch.Tensor) -> torch.Tensor:
+        """B×3×224×224 → B×256×H projected CLIP patch features (layer −2, CLS dropped)."""
+        vision = self.llava.model.vision_tower
+        out = vision(clip_pixels.to(self.dtype), output_hidden_states=True)
+        feats = out.hidden_states[self.config.vision_feature_layer][:, 1:]
+        return self.llava.model.multi_modal_projector(feats)
+
+    def encode_sam(self, sam_pixels: torch.Tensor) -> torch.Tensor:
+        """B×3×S×S (normalized, padded) → B×C×S/16×S/16 SAM image embedding."""
+        return self.visual_model.image_encoder(sam_pixels.to(self.dtype))
+
+    def embed(self, ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """B×T ids with ``IMAGE_TOKEN_INDEX`` sentinels → B×T×H embeddings with image features.
+
+        ``image_features`` is B×256×H; row b fills the sentinels of row b in order.
+        """
+        emb = self.language_model.embed_tokens(ids.clamp(min=0))
+        is_image = ids == IMAGE_TOKEN_INDEX
+        if image_features is None:
+            if bool(is_image.any()):
+                raise ValueError("sequence has image positions but no image features")
+            return emb
+        n_img = is_image.sum(dim=1)
+        if not bool((n_img == image_features.shape[1]).all()):
+            raise ValueError(
+                f"expected {image_features.shape[1]} image positions per row, got {n_img.tolist()}"
+            )
+        return emb.masked_scatter(is_image.unsqueeze(-1), image_features.to(emb.dtype))
+
+    def run_language(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+    ):
+        """Run LLaMA; returns (post-norm last hidden states B×T×H, cache)."""
+        out = self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return out.last_hidden_state, out.past_key_values
+
+    def project_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """n×H hidden states → n×C SAM prompt embeddings."""
+        return self.text_hidden_fcs[0](hidden)
+
+    def decode_masks(self, image_embedding: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """One image's embedding 1×C×h×w and n prompts n×C → low-res mask logits n×1×4h×4w.
+
+        Each prompt is one sparse token; the dense prompt is SAM's learned no-mask embedding;
+        ``multimask_output=False`` keeps mask token 0 (§1.7).
+        """
+        pe_layer = self.visual_model.prompt_encoder
+        n = prompts.shape[0]
+        h, w = image_embedding.shape[-2:]
+        sparse = prompts.to(image_embedding.dtype).unsqueeze(1)
+        dense = pe_layer.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
+        low_res, _ = self.visual_model.mask_decoder(
+            image_embeddings=image_embedding,
+            image_pe=pe_layer.get_dense_pe().to(image_embedding.dtype),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense.to(image_embedding.dtype),
+            multimask_output=False,
+        )
+        return low_res
+
+    def postprocess_masks(
+        self, low_res: torch.Tensor, resized: tuple[int, int], original: tuple[int, int]
+    ) -> torch.Tensor:
+        """n×1×h×w logits → n×H×W float32 logits at the source size (``Sam.postprocess_masks``)."""
+        s = self.config.sam_image_size
+        masks = F.interpolate(low_res.float(), (s, s), mode="bilinear", align_corners=False)
+        masks = masks[..., : resized[0], : resized[1]]
+        masks = F.interpolate(masks, original, mode="bilinear", align_corners=False)
+        return masks[:, 0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_hidden_fcs[0][0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_hidden_fcs[0][0].weight.device
+
+    # ------------------------------------------------------------------ training
+    def forward_train(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        clip_pixels: torch.Tensor,
+        sam_pixels: torch.Tensor,
+        resized_sizes: list[tuple[int, int]],
+        gt_masks: list[torch.Tensor],
+        ce_weight: float = 1.0,
+        bce_weight: float = 2.0,
+        dice_weight: float = 0.5,
+    ) -> TrainOutput:
+        """Teacher-forced GSVA loss (§4): CE on answer tokens + 2·BCE + 0.5·DICE on masks.
+
+        ``gt_masks[b]`` is n_slots_b×H_b×W_b (float 0/1) in slot order; ``[REJ]`` slots are
+        all-zero, produce no prediction and only count in the mask-loss normaliser, as GSVA.
+        """
+        from gsva_ros.model.losses import dice_loss, sigmoid_bce_loss
+
+        image_features = self.encode_clip(clip_pixels)
+        embeds = self.embed(input_ids, image_features)
+        hidden, _ = self.run_language(embeds, attention_mask=attention_mask)
+        logits = self.lm_head(hidden[:, :-1]).float()
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+
+        image_embeddings = self.encode_sam(sam_pixels)
+        seg_next = input_ids[:, 1:] == self.config.seg_token_id
+        slot_next = seg_next | (input_ids[:, 1:] == self.config.rej_token_id)
+        bce = hidden.new_zeros((), dtype=torch.float32)
+        dice = hidden.new_zeros((), dtype=torch.float32)
+        n_slots = 0
+        for b in range(input_ids.shape[0]):
+            is_seg = seg_next[b][slot_next[b]]  # slot order → SEG?
+            n_slots += int(is_seg.numel())
+            if not bool(is_seg.any()):
+                continue
+            prompts = self.project_hidden(hidden[b, :-1][seg_next[b]])
+            low_res = self.decode_masks(image_embeddings[b : b + 1], prompts)
+            target = gt_masks[b][is_seg].float()
+            pred = self.postprocess_masks(low_res, resized_sizes[b], tuple(target.shape[-2:]))
+            bce = bce + sigmoid_bce_loss(pred, target).sum()
+            dice = dice + dice_loss(pred, target).sum()
+        n_slots = max(n_slots, 1)
+        bce, dice = bce / n_slots, dice / n_slots
+        loss = ce_weight * ce + bce_weight * bce + dice_weight * dice
+        return TrainOutput(loss=loss, ce=ce.detach(), bce=bce.detach(), dice=dice.detach())

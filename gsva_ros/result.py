@@ -1,0 +1,69 @@
+"""Plain result types returned by :class:`gsva_ros.engine.GSVAEngine` (no torch, no ROS).
+
+The ROS node converts these 1:1 into ``gsva_ros/msg/Segmentation`` and ``Target``; the CLI
+tools (eval, replay, bench) read them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Box:
+    """Axis-aligned box in source-image pixels (same fields as sensor_msgs/RegionOfInterest)."""
+
+    x_offset: int
+    y_offset: int
+    width: int
+    height: int
+
+
+@dataclass
+class Target:
+    """The answer for one referring expression.
+
+    ``present`` is False when the model answered ``[REJ]`` (target absent); then ``mask`` is
+    None and ``boxes`` is empty. ``score`` is the confidence of the present/absent decision:
+    the softmax over the ``[SEG]`` and ``[REJ]`` logits, taken for the chosen token (0.5..1).
+    ``mask`` is an HxW uint8 label map: 0 = background, k = object k of this phrase (one
+    object when instance splitting is off); ``boxes[k-1]`` bounds object k.
+    ``forced_mask`` is only filled when the engine is asked for masks of rejected slots too
+    (GSVA's lenient evaluation protocol scores them): a bool HxW array, else None.
+    """
+
+    phrase: str
+    present: bool
+    score: float
+    mask: np.ndarray | None = None
+    boxes: list[Box] = field(default_factory=list)
+    forced_mask: np.ndarray | None = None
+
+    @property
+    def binary_mask(self) -> np.ndarray | None:
+        """The union of all objects as a bool HxW array (None when absent)."""
+        return None if self.mask is None else self.mask > 0
+
+
+@dataclass
+class SegmentationResult:
+    """The answer to one command on one image.
+
+    ``response`` is the model's answer text (e.g. ``"Sure, they are red mug:[SEG], knife:[REJ]."``).
+    ``note`` is empty unless the engine had to deviate from the requested decoding (generate
+    mode producing the wrong slot count falls back to slot decoding and says so here).
+    ``timings_ms`` holds per-stage wall times (``sam``, ``clip``, ``prefill``, ``decode``,
+    ``masks``, ``total``); stages served from the frame cache are reported as 0.
+    """
+
+    command: str
+    expressions: list[str]
+    response: str
+    targets: list[Target]
+    image_size: tuple[int, int]
+    decoding: str
+    note: str = ""
+    frame_cached: bool = False
+    timings_ms: dict[str, float] = field(default_factory=dict)

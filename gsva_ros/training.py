@@ -1,0 +1,288 @@
+"""GSVA training (``gsva_reference.md`` §4) for the tiny model and for full-size fine-tuning.
+
+- Samples: one image with up to ``max_slots`` referring expressions drawn from its refs in one
+  conversation; absent targets are ``[REJ]`` slots; draws without any ``[SEG]`` are redrawn
+  (every conversation has at least one target, as GSVA).
+- Loss: CE on the answer tokens + 2.0·BCE + 0.5·DICE on masks (``GSVAModel.forward_train``).
+- Optimiser: AdamW (betas 0.9/0.95, no weight decay), linear warm-up then linear decay to 0,
+  gradient clipping 1.0; fp32 or bf16 autocast.
+- Full-size models (``lora_r > 0``): LoRA (peft) on the LLaMA q/v projections, and
+  ``lm_head``, ``embed_tokens``, the mask decoder and ``text_hidden_fcs`` trained in full, as
+  GSVA does; LoRA is merged before saving. The tiny model trains every weight.
+- ``accelerate`` drives device placement and mixed precision, so ``accelerate launch gsva-ros
+  train …`` scales to several GPUs unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gsva_ros.model.config import GSVAConfig
+from gsva_ros.model.gsva import GSVAModel
+from gsva_ros.model.preprocess import clip_preprocess, sam_preprocess
+from gsva_ros.model.prompt import encode_conversation
+
+
+@dataclass
+class TrainOptions:
+    steps: int = 3000
+    batch_size: int = 8
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    max_slots: int = 5
+    precision: str = "fp32"  # fp32 | bf16
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class ImageRefs:
+    """All expressions of one image: sentences with their GT masks (None = no target)."""
+
+    image_path: str
+    sentences: list[str]
+    samples: list  # RefSample per sentence (mask decoded lazily)
+
+
+def group_images(samples: list) -> list[ImageRefs]:
+    by_image: dict[str, ImageRefs] = {}
+    for s in samples:
+        key = str(s.image_path)
+        g = by_image.setdefault(key, ImageRefs(key, [], []))
+        if s.sentence not in g.sentences:
+            g.sentences.append(s.sentence)
+            g.samples.append(s)
+    return [g for g in by_image.values() if any(not s.no_target for s in g.samples)]
+
+
+class GRESTrainDataset(torch.utils.data.Dataset):
+    """Yields one conversation per image: tokens, labels, preprocessed images, GT masks."""
+
+    def __init__(
+        self, images: list[ImageRefs], tokenizer, config: GSVAConfig, max_slots: int, seed: int
+    ):
+        self.images, self.tokenizer, self.config = images, tokenizer, config
+        self.max_slots, self.seed = max_slots, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx: int) -> dict:
+        g = self.images[idx]
+        rng = random.Random(hash((self.seed, self.epoch, idx)) & 0xFFFFFFFF)
+        order = list(range(len(g.samples)))
+        while True:  # at least one [SEG] per conversation
+            rng.shuffle(order)
+            pick = order[: self.max_slots]
+            if any(not g.samples[i].no_target for i in pick):
+                break
+        image = np.asarray(Image.open(g.image_path).convert("RGB"))
+        masks = np.stack([np.asarray(g.samples[i].load_mask(), dtype=bool) for i in pick])
+        present = [bool(m.any()) for m in masks]
+        conv = encode_conversation(
+            self.tokenizer, self.config, [g.samples[i].sentence for i in pick], present
+        )
+        labels = list(conv.ids)
+        labels[: conv.prompt_len] = [-100] * conv.prompt_len
+        sam_px, resized = sam_preprocess(image, self.config.sam_image_size)
+        return {
+            "ids": torch.tensor(conv.ids),
+            "labels": torch.tensor(labels),
+            "clip": clip_preprocess(image, self.config.vision_image_size),
+            "sam": sam_px,
+            "resized": resized,
+            "masks": torch.from_numpy(masks),
+        }
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    n = max(len(b["ids"]) for b in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    attn = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b["ids"])
+        ids[i, :k], labels[i, :k], attn[i, :k] = b["ids"], b["labels"], 1
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "labels": labels,
+        "clip_pixels": torch.stack([b["clip"] for b in batch]),
+        "sam_pixels": torch.stack([b["sam"] for b in batch]),
+        "resized_sizes": [b["resized"] for b in batch],
+        "gt_masks": [b["masks"] for b in batch],
+    }
+
+
+def lr_lambda(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up from 0, then linear decay to 0 at ``total`` (GSVA's WarmupDecayLR)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def prepare_trainable(model: GSVAModel) -> GSVAModel | torch.nn.Module:
+    """Tiny (lora_r == 0): train everything. Full size: GSVA's LoRA + unfrozen heads."""
+    r = model.config.lora_r
+    if r <= 0:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=model.config.lora_alpha,
+        lora_dropout=0.05,
+        bias="none",
+        # LLaMA attention only: the names exclude CLIP, projector, SAM and text_hidden_fcs
+        target_modules=r"llava\.model\.language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)",
+    )
+    wrapped = get_peft_model(model, lora)
+    for name, p in wrapped.named_parameters():
+        if any(k in name for k in ("lm_head", "embed_tokens", "mask_decoder", "text_hidden_fcs")):
+            p.requires_grad_(True)
+    return wrapped
+
+
+def unwrap_trained(model) -> GSVAModel:
+    """Merge LoRA back into the base weights (no-op for the tiny model)."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def train(
+    model: GSVAModel,
+    tokenizer,
+    samples: list,
+    out_dir: str | Path,
+    opts: TrainOptions,
+    resume: bool = False,
+) -> dict:
+    """Train and save to ``out_dir`` (checkpoints under ``out_dir/last``); returns a summary."""
+    from accelerate import Accelerator
+    from tqdm import tqdm
+
+    from gsva_ros.model.checkpoint import save_checkpoint
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(opts.seed)
+    accelerator = Accelerator(mixed_precision="bf16" if opts.precision == "bf16" else "no")
+    images = group_images(samples)
+    if not images:
+        raise ValueError("training data has no image with a present target")
+    dataset = GRESTrainDataset(images, tokenizer, model.config, opts.max_slots, opts.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=opts.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= opts.batch_size,
+        num_workers=opts.num_workers,
+        collate_fn=lambda b: collate(b, model.config.pad_token_id),
+        generator=torch.Generator().manual_seed(opts.seed),
+    )
+    trainable = prepare_trainable(model)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: lr_lambda(s, opts.warmup_steps, opts.steps)
+    )
+    trainable, optim, loader, sched = accelerator.prepare(trainable, optim, loader, sched)
+    step = 0
+    state_file = out / "last" / "train_state.pt"
+    if resume and state_file.is_file():
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        accelerator.unwrap_model(trainable).load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        step = int(state["step"])
+    log = (out / "loss_log.jsonl").open("a")
+    bar = tqdm(total=opts.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    trainable.train()
+    t0, running = time.time(), None
+    while step < opts.steps:
+        dataset.epoch += 1
+        for batch in loader:
+            base = accelerator.unwrap_model(trainable)
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            with accelerator.autocast():
+                res = base.forward_train(**batch)
+            accelerator.backward(res.loss)
+            if opts.grad_clip > 0:
+                accelerator.clip_grad_norm_(params, opts.grad_clip)
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            step += 1
+            vals = {k: float(getattr(res, k).detach()) for k in ("loss", "ce", "bce", "dice")}
+            running = (
+                vals
+                if running is None
+                else {k: 0.95 * running[k] + 0.05 * v for k, v in vals.items()}
+            )
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+            if step % opts.log_every == 0 or step == opts.steps:
+                rec = {
+                    "step": step,
+                    "lr": sched.get_last_lr()[0],
+                    "time_s": round(time.time() - t0, 1),
+                    **vals,
+                }
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            if step % opts.save_every == 0 or step == opts.steps:
+                _save_state(
+                    accelerator, trainable, optim, sched, step, tokenizer, out / "last", opts
+                )
+            if step >= opts.steps or not math.isfinite(vals["loss"]):
+                break
+        if not math.isfinite(vals["loss"]):
+            raise FloatingPointError(f"loss became {vals['loss']} at step {step}")
+    bar.close()
+    log.close()
+    final = unwrap_trained(accelerator.unwrap_model(trainable))
+    final.eval()
+    save_checkpoint(final, tokenizer, out)
+    return {"steps": step, "final": running, "minutes": (time.time() - t0) / 60, "out": str(out)}
+
+
+def _save_state(accelerator, trainable, optim, sched, step, tokenizer, path: Path, opts) -> None:
+    if not accelerator.is_main_process:
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    model = accelerator.unwrap_model(trainable)
+    if hasattr(model, "get_base_model"):  # LoRA: the merged model is written at the end
+        model.get_base_model().config.save(path / "config.json")
+        tokenizer.save_pretrained(path)
+    else:  # a loadable snapshot, so an interrupted run can still be evaluated
+        from gsva_ros.model.checkpoint import save_checkpoint
+
+        save_checkpoint(model, tokenizer, path)
+    state = {
+        "model": model.state_dict(),
+        "optim": optim.state_dict(),
+        "sched": sched.state_dict(),
+        "step": step,
+    }
+    tmp = path / "train_state.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(path / "train_state.pt")
+    (path / "options.json").write_text(json.dumps(asdict(opts), indent=2))

@@ -1,0 +1,115 @@
+"""Slot decoding and generate-mode parsing on a model whose logits the test controls."""
+
+import numpy as np
+import pytest
+import torch
+
+from gsva_ros.engine import GSVAEngine
+from gsva_ros.model.decoding import decode_slots, generate
+from gsva_ros.model.prompt import encode_conversation
+
+
+class ScriptedHead(torch.nn.Module):
+    """Replaces lm_head: call k returns logits from ``script[k]`` (dict token → logit)."""
+
+    def __init__(self, vocab: int, script: list[dict[int, float]]):
+        super().__init__()
+        self.vocab, self.script, self.calls = vocab, script, 0
+
+    def forward(self, h):
+        out = torch.full((*h.shape[:-1], self.vocab), -10.0)
+        for tok, val in self.script[min(self.calls, len(self.script) - 1)].items():
+            out[..., tok] = val
+        self.calls += 1
+        return out
+
+
+@pytest.fixture
+def scripted(tiny_model):
+    original = tiny_model.llava.lm_head
+
+    def install(script):
+        head = ScriptedHead(tiny_model.config.vocab_size, script)
+        tiny_model.llava.lm_head = head
+        return head
+
+    yield install
+    tiny_model.llava.lm_head = original
+
+
+def _prefill(model, conv, image_features):
+    ids = torch.tensor([conv.ids[: conv.prefix_len]])
+    _, cache = model.run_language(model.embed(ids, image_features), use_cache=True)
+    return cache
+
+
+def test_slot_choice_score_and_hidden_position(tiny_model, tiny_tokenizer, scripted):
+    cfg = tiny_model.config
+    seg, rej = cfg.seg_token_id, cfg.rej_token_id
+    scripted([{seg: 2.0, rej: 0.0}, {seg: -1.0, rej: 1.0}, {seg: 0.3, rej: 0.2, 5: 9.0}])
+    conv = encode_conversation(tiny_tokenizer, cfg, ["a", "b", "c"])
+    torch.manual_seed(1)
+    feats = torch.randn(1, 256, cfg.hidden_size)
+    with torch.inference_mode():
+        cache = _prefill(tiny_model, conv, feats)
+        dec = decode_slots(tiny_model, conv.ids, conv.slot_positions, conv.prefix_len, cache)
+    assert [d.present for d in dec] == [True, False, True]
+    assert dec[0].score == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item(), abs=1e-6)
+    assert dec[1].score == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item(), abs=1e-6)
+    assert dec[2].score == pytest.approx(torch.sigmoid(torch.tensor(0.1)).item(), abs=1e-6)
+    assert [d.argmax_is_slot for d in dec] == [True, True, False]  # GSVA's criterion logged too
+    # mask embedding = teacher-forced last-layer state at p-1 of each slot token
+    forced = list(conv.ids)
+    forced[conv.slot_positions[1]] = rej
+    with torch.inference_mode():
+        full, _ = tiny_model.run_language(tiny_model.embed(torch.tensor([forced]), feats))
+    for d, p in zip(dec, conv.slot_positions, strict=True):
+        assert torch.allclose(d.hidden, full[0, p - 1], atol=1e-4)
+        assert not torch.allclose(d.hidden, full[0, p], atol=1e-3)
+    # one incremental pass: three slot steps, the cache grew by exactly the fed tokens
+    assert cache.get_seq_length() == conv.slot_positions[-1]
+
+
+def _script_tokens(tokenizer, text):
+    return [{t: 5.0} for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def test_generate_parses_slots_in_order(tiny_model, tiny_tokenizer, scripted, rgb_image):
+    cfg = tiny_model.config
+    script = _script_tokens(tiny_tokenizer, " Sure, they are a:[SEG], b:[REJ].") + [
+        {cfg.eos_token_id: 5.0}
+    ]
+    scripted(script)
+    engine = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", dtype="float32")
+    res = engine.segment(rgb_image, "a, b", decoding="generate")
+    assert res.decoding == "generate" and res.note == ""
+    assert res.response == "Sure, they are a:[SEG], b:[REJ]."
+    assert [t.present for t in res.targets] == [True, False]
+    assert res.targets[0].mask is not None and res.targets[0].mask.shape == rgb_image.shape[:2]
+    assert res.targets[1].mask is None
+
+
+def test_generate_falls_back_to_slots_on_wrong_slot_count(
+    tiny_model, tiny_tokenizer, scripted, rgb_image
+):
+    cfg = tiny_model.config
+    script = _script_tokens(tiny_tokenizer, " Sure, a:[SEG].") + [{cfg.eos_token_id: 5.0}]
+    script += [{cfg.seg_token_id: 1.0, cfg.rej_token_id: 0.0}] * 4  # slot decoding afterwards
+    scripted(script)
+    engine = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", dtype="float32")
+    res = engine.segment(rgb_image, "a, b", decoding="generate")
+    assert res.decoding == "slots"
+    assert "1 slot(s) for 2 expression(s)" in res.note
+    assert res.response == "Sure, they are a:[SEG], b:[SEG]."
+    assert all(t.present for t in res.targets)
+
+
+def test_generate_stops_at_max_new_tokens(tiny_model, tiny_tokenizer, scripted):
+    cfg = tiny_model.config
+    scripted([{7: 3.0}])  # never EOS
+    conv = encode_conversation(tiny_tokenizer, cfg, ["a"], with_answer=False)
+    with torch.inference_mode():
+        cache = _prefill(tiny_model, conv, torch.zeros(1, 256, cfg.hidden_size))
+        gen = generate(tiny_model, conv.ids, conv.prefix_len, cache, max_new_tokens=5)
+    assert gen.token_ids == [7] * 5 and not gen.finished and gen.slots == []
+    assert np.isfinite(cache.get_seq_length())
