@@ -45,7 +45,7 @@ def repo_root() -> Path:
 # deterministic) present/absent decisions: tests using it check behaviour, never accuracy.
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Directory holding a random tiny GSVA checkpoint (config.json, model.safetensors, tokenizer)."""
+    """Directory with a random tiny GSVA checkpoint (config.json, model.safetensors, tokenizer)."""
     import torch
 
     from gsva_ros.model.checkpoint import save_checkpoint

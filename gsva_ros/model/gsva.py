@@ -27,6 +27,8 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+from segment_anything.modeling.image_encoder import Attention as SamAttention
+from segment_anything.modeling.image_encoder import get_rel_pos
 from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -294,3 +296,171 @@ class GSVAModel(nn.Module):
         bce, dice = bce / n_slots, dice / n_slots
         loss = ce_weight * ce + bce_weight * bce + dice_weight * dice
         return TrainOutput(loss=loss, ce=ce.detach(), bce=bce.detach(), dice=dice.detach())
+
+    # ------------------------------------------------------------------ inference options
+    def set_sam_attention(self, mode: str) -> None:
+        """Choose how SAM's image encoder computes attention (weights are untouched).
+
+        ``"reference"``: segment_anything's own ``Attention.forward`` (rebuilds its relative
+        position index on the host at every call, so it cannot be captured in a CUDA graph).
+        ``"matmul"``: the same arithmetic in the same order (bit-identical on CPU), with the
+        relative-position index cached on the device: capture-safe. ``"sdpa"``: the relative
+        position bias is passed to ``F.scaled_dot_product_attention`` as an additive mask; equal
+        up to floating-point reassociation, and the fused kernel never materialises the softmax
+        input separately (the global blocks' 16×4096×4096 scores dominate SAM's memory).
+        """
+        if mode not in SAM_ATTENTION_MODES:
+            raise ValueError(f"SAM attention must be one of {SAM_ATTENTION_MODES}, got {mode!r}")
+        for block in self.visual_model.image_encoder.blocks:
+            attn = block.attn
+            if mode == "reference":
+                attn.__class__ = SamAttention
+            else:
+                attn.__class__ = FastSamAttention
+                attn.use_sdpa = mode == "sdpa"
+
+    @property
+    def sam_attention(self) -> str:
+        attn = self.visual_model.image_encoder.blocks[0].attn
+        if isinstance(attn, FastSamAttention):
+            return "sdpa" if attn.use_sdpa else "matmul"
+        return "reference"
+
+    def quantize_language(self, mode: str) -> int:
+        """Replace the LLaMA decoder's Linear layers by bitsandbytes int8 / NF4 ones.
+
+        Kept in the model dtype on purpose (``performance.md`` §4.7): embeddings, ``lm_head``
+        (decides [SEG]/[REJ]), the final norm, ``text_hidden_fcs`` (the mask prompt), CLIP,
+        the projector and SAM. Returns the number of replaced layers. Raises
+        :class:`QuantizationError` with an actionable message when bitsandbytes is missing.
+        """
+        return quantize_language_model(self, mode)
+
+
+SAM_ATTENTION_MODES = ("reference", "matmul", "sdpa")
+QUANTIZE_MODES = ("none", "int8", "nf4")
+
+
+class FastSamAttention(SamAttention):
+    """segment_anything's windowed/global attention with decomposed relative positions.
+
+    Same parameters and state dict as ``segment_anything``'s ``Attention`` (instances are
+    switched by assigning ``__class__``, see :meth:`GSVAModel.set_sam_attention`). Differences:
+    the relative-position gather index is computed once per (q_h, q_w, device) and kept on the
+    device, so the forward has no host→device copy and can be captured in a CUDA graph; and
+    ``use_sdpa`` selects ``F.scaled_dot_product_attention`` with the relative-position bias
+    as an additive mask.
+    """
+
+    use_sdpa: bool = False
+
+    def _rel_index(self, size: int, device: torch.device) -> torch.Tensor:
+        """size×size long index into ``rel_pos_*`` (q_size == k_size, as everywhere in SAM)."""
+        cache = self.__dict__.setdefault("_rel_index_cache", {})
+        key = (size, str(device))
+        if key not in cache:
+            coords = torch.arange(size, device=device)
+            cache[key] = coords[:, None] - coords[None, :] + (size - 1)
+        return cache[key]
+
+    def _rel_terms(self, q: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B·nh)×(h·w)×C → rel_h (B·nh)×h×w×h and rel_w (B·nh)×h×w×w (SAM's decomposition)."""
+        if self.rel_pos_h.shape[0] == 2 * h - 1 and self.rel_pos_w.shape[0] == 2 * w - 1:
+            rh = self.rel_pos_h[self._rel_index(h, q.device)]  # h×h×C
+            rw = self.rel_pos_w[self._rel_index(w, q.device)]  # w×w×C
+        else:  # another input size: SAM interpolates the table (host-built index, not capturable)
+            rh = get_rel_pos(h, h, self.rel_pos_h)
+            rw = get_rel_pos(w, w, self.rel_pos_w)
+        r_q = q.reshape(q.shape[0], h, w, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+        return rel_h, rel_w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x B×h×w×dim → B×h×w×dim."""
+        b, h, w, _ = x.shape
+        n = h * w
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * self.num_heads, n, -1).unbind(0)  # (B·nh)×n×C each
+        if self.use_sdpa:
+            mask = None
+            if self.use_rel_pos:
+                rel_h, rel_w = self._rel_terms(q, h, w)
+                mask = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(-1, n, n)
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
+                attn_mask=None if mask is None else mask.unsqueeze(0),
+                scale=self.scale,
+            )[0]
+        else:
+            # Same operations in the same order as segment_anything (bit-identical).
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if self.use_rel_pos:
+                rel_h, rel_w = self._rel_terms(q, h, w)
+                attn = (
+                    attn.view(-1, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+                ).view(-1, n, n)
+            out = attn.softmax(dim=-1) @ v
+        out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(out)
+
+
+class QuantizationError(RuntimeError):
+    """``quantize`` was requested but cannot be honoured (message says what to install)."""
+
+
+_LLAMA_LINEARS = (
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+)
+
+
+def quantize_language_model(model: GSVAModel, mode: str) -> int:
+    """See :meth:`GSVAModel.quantize_language`. Quantises on the model's current device."""
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {mode!r}")
+    if mode == "none":
+        return 0
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:  # also raised for a broken install (missing CUDA libs)
+        raise QuantizationError(
+            f"quantize={mode} needs bitsandbytes, which cannot be imported ({exc}); install it "
+            f"with `pip install bitsandbytes==0.50.2` (a CUDA GPU is needed for useful speed), "
+            f"or use quantize=none"
+        ) from exc
+    device, dtype = model.device, model.dtype
+    replaced = 0
+    for layer in model.language_model.layers:
+        for parent_name, name in _LLAMA_LINEARS:
+            parent = getattr(layer, parent_name)
+            lin: nn.Linear = getattr(parent, name)
+            has_bias = lin.bias is not None
+            if mode == "int8":
+                q = bnb.nn.Linear8bitLt(
+                    lin.in_features, lin.out_features, bias=has_bias, has_fp16_weights=False,
+                    threshold=6.0, device="meta",
+                )
+                param = bnb.nn.Int8Params(lin.weight.data, requires_grad=False,
+                                          has_fp16_weights=False)
+                # Int8Params quantises only when moved off the CPU; _quantize works in place on
+                # any device, so 7B weights already on the GPU need no round trip to the host.
+                q.weight = param._quantize(device)
+            else:
+                q = bnb.nn.Linear4bit(
+                    lin.in_features, lin.out_features, bias=has_bias, compute_dtype=dtype,
+                    quant_type="nf4", device="meta",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    lin.weight.data, requires_grad=False, quant_type="nf4"
+                ).to(device)
+            if has_bias:
+                q.bias = nn.Parameter(lin.bias.data.to(dtype), requires_grad=False)
+            setattr(parent, name, q)
+            replaced += 1
+    return replaced

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -313,6 +313,7 @@ class GSVANode(LifecycleNode):
         self._timer_group = MutuallyExclusiveCallbackGroup()
 
         self._engine: Any = None
+        self._input_errors: tuple[type[Exception], ...] = (CommandError, ImageError, _Refused)
         self._cond = threading.Condition()
         self._jobs: deque[_Job] = deque()
         self._latest: _Frame | None = None
@@ -322,6 +323,7 @@ class GSVANode(LifecycleNode):
         self._next_continuous_at = 0.0
         self._active = False
         self._activated_at = 0.0
+        self._image_since_activation = False
         self._last_no_image_warning = 0.0
         self._stats = _Stats()
         self._stop = threading.Event()
@@ -330,8 +332,11 @@ class GSVANode(LifecycleNode):
         self._seg_pub = self._overlay_pub = self._diag_pub = None
         self._service = self._diag_timer = None
 
-        # Declared before the callbacks exist: start values are validated on configure.
+        # Start values (overrides, params file) are checked here for an early log line, and
+        # again on configure, which refuses to proceed while any of them is invalid.
         self._declare_parameters()
+        for problem in validate_parameters(self.parameter_values()):
+            self.get_logger().error(f"invalid parameter {problem} (configure will fail)")
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
 
@@ -404,6 +409,7 @@ class GSVANode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         with self._cond:
             self._active = True
+            self._image_since_activation = False
             self._activated_at = self._last_no_image_warning = time.monotonic()
             self._cond.notify_all()
         self.get_logger().info("active: waiting for images and commands")
@@ -434,8 +440,10 @@ class GSVANode(LifecycleNode):
         # A missing directory fails fast here, before seconds of torch/transformers imports.
         if ("/" in model or model.startswith(".")) and not Path(model).expanduser().is_dir():
             raise FileNotFoundError(f"model directory {model} does not exist")
-        from gsva_ros.engine import GSVAEngine  # torch import only when a model is needed
+        # torch import only when a model is needed (keeps `--help` and YAML checks fast).
+        from gsva_ros.engine import GSVAEngine, InputError
 
+        self._input_errors = (CommandError, ImageError, _Refused, InputError)
         return GSVAEngine(
             str(Path(model).expanduser()) if "/" in model else model,
             device=self._param("device"),
@@ -517,6 +525,7 @@ class GSVANode(LifecycleNode):
                 return
             stats = self._stats
             stats.frames_received += 1
+            self._image_since_activation = True
             # A frame replaced before the worker used it, while a standing command wanted it.
             if self._standing is not None and self._latest is not None:
                 if self._latest.key > self._last_used_key:
@@ -620,8 +629,8 @@ class GSVANode(LifecycleNode):
                 self._check_age(header)  # explicit service images are used as given
             rgb = image_to_rgb(frame_msg)
             result = self._segment(rgb, job.command, key)
-        except (CommandError, ImageError, _Refused, ValueError) as exc:
-            # User-facing input problems (the engine's InputError is a ValueError too).
+        except self._input_errors as exc:
+            # User-facing input problems: reported, not treated as a model failure.
             image = f" [image {describe_image(frame_msg)}]" if frame_msg is not None else ""
             self.get_logger().warning(
                 f"command {_short(job.command)} not answered: {exc}{image}"
@@ -645,9 +654,11 @@ class GSVANode(LifecycleNode):
                 job.command, self._param("max_expressions"), self._param("max_command_chars")
             )
         except CommandError:
-            if job.from_topic:
+            if job.from_topic or job.frame is not None:
+                # An invalid command ends the standing one (also when a runtime limit change
+                # made the standing command invalid: no error on every frame).
                 with self._cond:
-                    self._standing = None  # an invalid command also ends the standing one
+                    self._standing = None
             raise
         if job.from_topic and self._param("mode") == "continuous":
             with self._cond:
@@ -774,7 +785,7 @@ class GSVANode(LifecycleNode):
     def _diagnostic_level(self, stats: Mapping[str, Any]) -> tuple[bytes, str]:
         if stats["state"] != "active":
             return DiagnosticStatus.WARN, "inactive"
-        if stats["frames_received"] == 0:
+        if not self._image_since_activation:
             return DiagnosticStatus.WARN, "no image received yet"
         if stats["last_error"]:
             return DiagnosticStatus.WARN, f"last command failed: {stats['last_error']}"
@@ -785,7 +796,7 @@ class GSVANode(LifecycleNode):
 
     def _warn_if_no_image(self, stats: Mapping[str, Any]) -> None:
         """The most common support question: the node is silent because the topic is wrong."""
-        if stats["state"] != "active" or stats["frames_received"] or self._image_sub is None:
+        if stats["state"] != "active" or self._image_since_activation or self._image_sub is None:
             return
         now = time.monotonic()
         waited = now - self._activated_at
@@ -878,17 +889,6 @@ def _autostart(node: GSVANode) -> bool:
         node.get_logger().fatal("activate failed")
         return False
     return True
-
-
-def spin_in_thread(nodes: Iterable[Any], context: Any = None,
-                   num_threads: int = 4) -> tuple[MultiThreadedExecutor, threading.Thread]:
-    """Spin ``nodes`` in a MultiThreadedExecutor on a daemon thread (tests, tools)."""
-    executor = MultiThreadedExecutor(num_threads=num_threads, context=context)
-    for n in nodes:
-        executor.add_node(n)
-    thread = threading.Thread(target=executor.spin, name="gsva-executor", daemon=True)
-    thread.start()
-    return executor, thread
 
 
 if __name__ == "__main__":

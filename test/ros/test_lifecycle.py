@@ -203,3 +203,24 @@ def test_reconfigure_with_node_methods_and_pending_commands_are_answered_on_deac
     assert all(len(h.answers(n)) == 1 for n in ("held 1", "held 2", "held 3"))
     assert h.node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
     assert h.node._engine is None and h.node._worker is None
+
+
+def test_waiting_for_the_first_image_is_logged_with_the_resolved_topic(h, monkeypatch, capfd):
+    from gsva_ros.ros import node as node_module
+
+    monkeypatch.setattr(node_module, "NO_IMAGE_WARN_S", 0.5)
+    assert h.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert h.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    try:
+        expected = f"no image received on {h.namespace}/image yet — check remapping and image_qos"
+        seen = ""
+
+        def logged() -> bool:
+            nonlocal seen
+            seen += capfd.readouterr().err
+            return expected in seen
+
+        h.wait_until(logged, 10.0, "the no-image warning")
+    finally:
+        assert h.node.trigger_deactivate() == TransitionCallbackReturn.SUCCESS
+        assert h.node.trigger_cleanup() == TransitionCallbackReturn.SUCCESS

@@ -7,10 +7,12 @@ Test order matters for the first test only (it needs a node that has seen no ima
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 import pytest
+from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
 
 from gsva_ros.result import Box, SegmentationResult, Target
@@ -194,6 +196,31 @@ def test_image_too_old_and_unstamped_are_refused(h, helpers):
         h.set_params(max_image_age_s=0.0)
 
 
+def test_image_age_is_measured_with_the_node_clock_under_sim_time(h, helpers):
+    from rosgraph_msgs.msg import Clock
+
+    clock_pub = h.client.create_publisher(Clock, "/clock", 10)
+    h.set_params(use_sim_time=True, max_image_age_s=1.0)
+    try:
+        h.wait_until(lambda: clock_pub.get_subscription_count() > 0, 10.0, "/clock subscriber")
+        sim = Clock()
+        sim.clock.sec = 500
+
+        def clock_at_500() -> bool:
+            clock_pub.publish(sim)
+            return h.node.get_clock().now().nanoseconds == 500 * 10**9
+
+        h.wait_until(clock_at_500, 10.0, "the node clock to follow /clock", period=0.05)
+        recent = h.publish_image(h.make_image(stamp=(499, 500_000_000)))  # 0.5 s old in sim
+        answer = h.ask("the simulated mug")
+        assert answer.error == "" and helpers.same_header(answer.header, recent.header)
+        h.publish_image(h.make_image(stamp=(495, 0)))  # 5 s old in sim time
+        assert "image is too old (5.00 s" in h.ask("the stale simulated mug").error
+    finally:
+        h.set_params(use_sim_time=False, max_image_age_s=0.0)
+        h.client.destroy_publisher(clock_pub)
+
+
 def test_model_exception_is_reported_and_the_next_command_works(h, monkeypatch):
     engine = h.node._engine
     real_segment, real_clear = engine.segment, engine.clear_cache
@@ -237,6 +264,45 @@ def test_command_flood_every_command_gets_exactly_one_answer(h):
         assert answered and refused
     finally:
         h.set_params(command_queue_size=10)
+
+
+def test_service_parameters_and_commands_stay_responsive_during_inference(h, monkeypatch):
+    engine = h.node._engine
+    real = engine.segment
+    started, release = threading.Event(), threading.Event()
+
+    def slow(*args, **kwargs):
+        started.set()
+        release.wait(30.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "segment", slow)
+    params = h.client.create_client(SetParameters, f"{h.namespace}/gsva/set_parameters")
+    assert params.wait_for_service(timeout_sec=10.0)
+    _good(h)
+    h.set_params(command_queue_size=1)
+    try:
+        h.command("the slow cup")
+        assert started.wait(10.0), "inference did not start"
+        t0 = time.monotonic()
+        future = params.call_async(SetParameters.Request(
+            parameters=[Parameter("max_rate_hz", value=3.0).to_parameter_msg()]))
+        h.wait_until(future.done, 5.0, "the parameter service during inference")
+        assert future.result().results[0].successful
+        h.command("the queued cup")  # fills the queue (size 1)
+        h.wait_until(lambda: h.node.stats()["queue_depth"] == 1, 5.0, "a queued command")
+        h.command("the refused cup")
+        refused = h.wait_answers("the refused cup", timeout=5.0)[0]
+        assert refused.error == "command queue full (1)"
+        reply = h.call_segment("the refused service cup", timeout=5.0)
+        assert reply.error == "command queue full (1)"
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        release.set()
+        h.set_params(command_queue_size=10, max_rate_hz=2.0)
+    assert h.wait_answers("the slow cup")[0].error == ""
+    assert h.wait_answers("the queued cup")[0].error == ""
+    h.client.destroy_client(params)
 
 
 def test_continuous_mode_answers_new_frames_rate_limited(h, helpers):

@@ -1,0 +1,58 @@
+"""``gsva-ros eval``: gIoU, cIoU, N-acc, T-acc of a model on gRefCOCO-format data.
+
+    gsva-ros eval --data runs/synth-test --model tiny --split test
+    gsva-ros eval --data refer_seg/grefcoco --images coco/train2014 --split val --model DIR --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help="GRES metrics (gIoU, cIoU, N-acc, T-acc) on a dataset")
+    p.add_argument("--data", required=True, help="gRefCOCO-format dataset directory")
+    p.add_argument("--images", default=None, help="image directory (default DATA/images)")
+    p.add_argument("--model", default="tiny", help="'tiny' or a model directory")
+    p.add_argument("--split", default=None, help="split to evaluate (default: all refs)")
+    p.add_argument("--decoding", choices=["slots", "generate"], default="slots")
+    p.add_argument("--protocol", choices=["strict", "lenient"], default="strict")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N expressions")
+    p.add_argument("--json", action="store_true", help="print one JSON object last")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from gsva_ros.data.grefcoco import load_grefcoco
+    from gsva_ros.engine import GSVAEngine
+    from gsva_ros.evaluation import evaluate
+    from gsva_ros.metrics import format_table
+
+    samples = load_grefcoco(args.data, split=args.split, image_dir=args.images)
+    if args.limit > 0:
+        samples = samples[: args.limit]
+    if not samples:
+        print(f"error: no expressions in {args.data} (split {args.split!r})")
+        return 2
+    engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding)
+    summary, stats = evaluate(engine, samples, args.protocol, args.decoding)
+    lat = np.asarray(stats["latency_ms"] or [0.0])
+    print(f"model {engine.model_name} | decoding {args.decoding} | protocol {args.protocol}")
+    print(format_table(summary))
+    print(
+        f"images {stats['images']}  conversations {stats['conversations']}  "
+        f"fallbacks {stats['fallbacks']}  latency p50 {np.percentile(lat, 50):.1f} ms  "
+        f"p95 {np.percentile(lat, 95):.1f} ms"
+    )
+    if args.json:
+        keys = ("giou", "ciou", "n_acc", "t_acc")
+        out = {k: summary[k] for k in keys}
+        out["per_case"] = summary["per_case"]
+        out["count"] = summary["count"]  # last key, as documented
+        print(json.dumps(out))
+    return 0
