@@ -8,16 +8,34 @@ One call answers one command on one image::
 A second command with the same ``frame_key`` reuses that frame's SAM embedding, CLIP features
 and the KV cache of the image prefix of the prompt (everything up to ``<im_end>``), so it only
 pays for the question, the answer and the mask decoder. Frames are evicted oldest-first
-beyond ``cache_frames``. The engine is thread-safe (one inference at a time).
+beyond ``cache_frames`` frames or ``cache_bytes`` bytes. The engine is thread-safe (one
+inference at a time); :meth:`GSVAEngine.encode_frame` lets a camera callback encode the newest
+frame ahead of the command.
+
+Speed options (``docs/benchmarks.md`` has the measurements):
+
+- ``slot_decoding="speculative"`` (default): one language pass for all slots until a [REJ]
+  (:func:`gsva_ros.model.decoding.decode_slots_speculative`; same results as ``incremental``).
+- ``compile`` (``"auto"``: on for CUDA): the language model runs on a static KV cache
+  (:class:`gsva_ros.model.decoding.StaticLM`); on CUDA the SAM encoder, CLIP, the prefix
+  prefill, every padded text chunk, the per-token step and the mask decoder (per number of
+  prompts) are captured as CUDA graphs; on CPU ``compile=True`` uses ``torch.compile``.
+  Any capture/compile failure logs a warning and falls back to eager execution.
+- ``sam_attention`` (``"auto"``: ``sdpa`` on CUDA): SAM's attention through SDPA.
+- ``quantize="int8"|"nf4"``: bitsandbytes LLM weights (lm_head, text_hidden_fcs, CLIP and
+  SAM stay in the model dtype).
+- :meth:`GSVAEngine.warmup` runs dummy commands so captures happen before the first real one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +43,26 @@ import numpy as np
 import torch
 
 from gsva_ros.model.checkpoint import load_checkpoint
-from gsva_ros.model.decoding import SlotDecision, decode_slots, generate
-from gsva_ros.model.gsva import GSVAModel
+from gsva_ros.model.decoding import (
+    CapacityError,
+    CapturedCall,
+    DynamicState,
+    LanguageState,
+    SlotDecision,
+    StaticLM,
+    decode_slots,
+    decode_slots_speculative,
+    generate,
+)
+from gsva_ros.model.gsva import QUANTIZE_MODES, SAM_ATTENTION_MODES, GSVAModel
 from gsva_ros.model.masks import label_objects
-from gsva_ros.model.preprocess import clip_preprocess, sam_preprocess
+from gsva_ros.model.preprocess import (
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    clip_preprocess,
+    sam_preprocess,
+    sam_resized_size,
+)
 from gsva_ros.model.prompt import answer_text, encode_conversation
 from gsva_ros.model.text import (
     DEFAULT_MAX_COMMAND_CHARS,
@@ -37,7 +71,10 @@ from gsva_ros.model.text import (
 )
 from gsva_ros.result import SegmentationResult, Target
 
+log = logging.getLogger(__name__)
+
 DECODINGS = ("slots", "generate")
+SLOT_DECODINGS = ("speculative", "incremental")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_IMAGE_PIXELS = 40_000_000  # refuse absurd frames before allocating float copies
 MIN_IMAGE_SIDE = 2
@@ -90,6 +127,70 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}") from None
 
 
+COMPILE_MODES = ("auto", "on", "off", "graphs", "inductor")
+TEXT_BUDGET = 192  # question + answer skeleton tokens the static KV cache is sized for
+_WARMUP_KEY = ("gsva-engine-warmup",)
+
+
+def resolve_compile(compile: bool | str, device: torch.device) -> str:
+    """``compile`` option → ``"off"``, ``"graphs"`` (CUDA graphs) or ``"inductor"``.
+
+    ``"auto"``: CUDA graphs on CUDA, off on CPU. ``True``/``"on"``: CUDA graphs on CUDA,
+    ``torch.compile`` (inductor) on CPU, where graphs do not exist.
+    """
+    if isinstance(compile, bool):
+        compile = "on" if compile else "off"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be a bool or one of {COMPILE_MODES}, got {compile!r}")
+    cuda = device.type == "cuda"
+    if compile == "auto":
+        return "graphs" if cuda else "off"
+    if compile == "on":
+        return "graphs" if cuda else "inductor"
+    if compile == "graphs" and not cuda:
+        raise ValueError("compile='graphs' needs a CUDA device")
+    return compile
+
+
+def sam_pixels(
+    image: np.ndarray, size: int, device: torch.device
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """:func:`sam_preprocess` with the float work on ``device`` → (1×3×S×S float32, (h', w')).
+
+    The resize stays on the host (PIL, uint8, so the result is identical); only the small
+    uint8 resized image is uploaded, instead of 12 MB of float32 at S = 1024, and the
+    normalisation and padding run on the device (float32 subtraction and division are
+    correctly rounded, hence equal to NumPy's).
+    """
+    from PIL import Image
+
+    nh, nw = sam_resized_size(image.shape[0], image.shape[1], size)
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+    x = torch.from_numpy(np.array(resized)).to(device).to(torch.float32)  # PIL arrays are read-only
+    mean = torch.tensor(SAM_PIXEL_MEAN, dtype=torch.float32, device=device)
+    std = torch.tensor(SAM_PIXEL_STD, dtype=torch.float32, device=device)
+    out = torch.zeros(1, 3, size, size, dtype=torch.float32, device=device)
+    out[0, :, :nh, :nw] = ((x - mean) / std).permute(2, 0, 1)
+    return out, (nh, nw)
+
+
+def tensor_bytes(obj: object) -> int:
+    """Bytes of device/host memory held by a tensor or a transformers cache (storages counted
+    once: a cropped cache still holds the storage of its longest extension)."""
+    tensors: list[torch.Tensor] = []
+    if isinstance(obj, torch.Tensor):
+        tensors = [obj]
+    elif hasattr(obj, "layers"):
+        for layer in obj.layers:
+            tensors += [t for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                        if isinstance(t, torch.Tensor)]
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
 @dataclass
 class FrameFeatures:
     """Everything about one frame that does not depend on the command."""
@@ -99,7 +200,10 @@ class FrameFeatures:
     image_features: torch.Tensor  # 1×256×H
     sam_embedding: torch.Tensor  # 1×C×h×w
     prefix_ids: list[int]
-    cache: object  # KV cache holding exactly prefix_ids
+    # KV of exactly prefix_ids: a transformers cache (eager path), or with a static cache a
+    # tensor n_layers×2×1×n_kv×P×head_dim copied into the static buffer on use.
+    cache: object
+    nbytes: int = 0
 
     @property
     def prefix_len(self) -> int:
@@ -116,7 +220,45 @@ class EngineStats:
     commands: int = 0
     cache_hits: int = 0
     failures: int = 0
+    evictions: int = 0
+    slot_passes: int = 0  # language forward passes spent on slot decoding
     extra: dict[str, int] = field(default_factory=dict)
+
+
+class _Graphed:
+    """``fn`` run through one CUDA graph per input-shape signature (eager when disabled).
+
+    The first failed capture disables graphs for this function and logs a warning; the
+    command still gets an (eager) answer. Outputs are cloned: the graph reuses its output.
+    """
+
+    def __init__(self, name: str, fn: Callable[..., torch.Tensor], enabled: bool,
+                 warnings: list[str]) -> None:
+        self.name, self.fn, self.enabled, self.warnings = name, fn, enabled, warnings
+        self._calls: dict[tuple, CapturedCall] = {}
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.fn(*inputs)
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        call = self._calls.get(key)
+        if call is None:
+            try:
+                call = CapturedCall(self.fn, [x.clone() for x in inputs])
+            except Exception as exc:  # noqa: BLE001 - any capture failure → eager
+                msg = f"CUDA graph capture of {self.name} failed ({type(exc).__name__}: {exc}); " \
+                      f"running it eagerly"
+                log.warning(msg)
+                self.warnings.append(msg)
+                self.enabled, self._calls = False, {}
+                torch.cuda.synchronize()
+                return self.fn(*inputs)
+            self._calls[key] = call
+        return call(*inputs).clone()
+
+    @property
+    def captured(self) -> int:
+        return len(self._calls)
 
 
 class GSVAEngine:
@@ -132,13 +274,52 @@ class GSVAEngine:
         max_command_chars: int = DEFAULT_MAX_COMMAND_CHARS,
         cache_frames: int = 2,
         tokenizer=None,
+        cache_bytes: int | None = None,
+        slot_decoding: str = "speculative",
+        compile: bool | str = "auto",
+        static_cache: bool | None = None,
+        sam_attention: str = "auto",
+        quantize: str = "none",
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        static_capacity: int | None = None,
     ) -> None:
+        """Load the model and set up caches.
+
+        ``cache_frames``/``cache_bytes``: keep at most that many encoded frames / bytes of
+        frame caches (SAM embedding + CLIP features + prefix KV; None = no byte limit).
+        ``slot_decoding``: ``speculative`` (default) or ``incremental`` (reference).
+        ``compile``: see :func:`resolve_compile`. ``static_cache``: run the language model on
+        a static KV cache (default: whenever ``compile`` is not off). ``sam_attention``:
+        ``auto`` (``sdpa`` on CUDA, segment_anything's ``reference`` on CPU), ``reference``,
+        ``matmul`` or ``sdpa``. ``quantize``: ``none``, ``int8`` or ``nf4`` (bitsandbytes).
+        ``max_new_tokens`` (default from the model config) / ``min_new_tokens`` bound
+        ``generate``. ``static_capacity``: positions in the static KV cache (default: prefix
+        + 192 text tokens + ``max_new_tokens``).
+        """
         if decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+        if slot_decoding not in SLOT_DECODINGS:
+            raise ValueError(
+                f"slot_decoding must be one of {SLOT_DECODINGS}, got {slot_decoding!r}"
+            )
         if cache_frames < 0:
             raise ValueError("cache_frames must be >= 0")
+        if cache_bytes is not None and cache_bytes < 0:
+            raise ValueError("cache_bytes must be >= 0 (or None for no byte limit)")
+        if quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+        if sam_attention != "auto" and sam_attention not in SAM_ATTENTION_MODES:
+            raise ValueError(
+                f"sam_attention must be auto or one of {SAM_ATTENTION_MODES}, got {sam_attention!r}"
+            )
+        if min_new_tokens < 0 or (max_new_tokens is not None and max_new_tokens < 1):
+            raise ValueError("need min_new_tokens >= 0 and max_new_tokens >= 1")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.compile_mode = resolve_compile(compile, self.device)
+        if quantize != "none":
+            _check_quantize_available(quantize, self.device)  # before loading gigabytes
         if isinstance(model, GSVAModel):
             if tokenizer is None:
                 raise ValueError("a tokenizer is required with an in-memory model")
@@ -150,14 +331,58 @@ class GSVAEngine:
             self.model_name = f"{self.model.config.name} ({model_dir})"
         self.config = self.model.config
         self.decoding = decoding
+        self.slot_decoding = slot_decoding
         self.instance_split = instance_split
         self.min_object_area = min_object_area
         self.max_expressions = max_expressions
         self.max_command_chars = max_command_chars
         self.cache_frames = cache_frames
+        self.cache_bytes = cache_bytes
+        self.max_new_tokens = max_new_tokens or self.config.max_new_tokens
+        self.min_new_tokens = min_new_tokens
+        self.quantize = quantize
         self.stats = EngineStats()
+        self._warnings: list[str] = []  # fallbacks taken by the captured encoders/decoder
         self._frames: OrderedDict[Hashable, FrameFeatures] = OrderedDict()
         self._lock = threading.RLock()
+
+        if sam_attention == "auto":
+            sam_attention = "sdpa" if self.device.type == "cuda" else "reference"
+        if self.compile_mode == "graphs" and sam_attention == "reference":
+            sam_attention = "matmul"  # same arithmetic, but capturable (no host-built index)
+        self.model.set_sam_attention(sam_attention)
+        if quantize != "none":
+            self.model.quantize_language(quantize)
+        # The image prefix (system text … <im_end>) is the same for every command.
+        prefix = encode_conversation(self.tokenizer, self.config, ["x"], with_answer=False)
+        self._prefix_ids = prefix.ids[: prefix.prefix_len]
+
+        use_static = self.compile_mode != "off" if static_cache is None else static_cache
+        self._static: StaticLM | None = None
+        if use_static:
+            p = len(self._prefix_ids)
+            capacity = static_capacity or min(
+                self.config.max_position_embeddings, p + TEXT_BUDGET + self.max_new_tokens
+            )
+            if capacity < p + 16:
+                raise ValueError(f"static_capacity {capacity} leaves no room after the {p}-token"
+                                 f" image prefix")
+            mode = {"graphs": "graphs", "inductor": "inductor"}.get(self.compile_mode, "eager")
+            self._static = StaticLM(self.model, capacity, mode=mode)
+        graphs = self.compile_mode == "graphs"
+        m = self.model
+        self._encode_sam = _Graphed("the SAM encoder", m.encode_sam, graphs, self._warnings)
+        self._encode_clip = _Graphed("CLIP", m.encode_clip, graphs, self._warnings)
+        self._mask_logits = _Graphed(
+            "the mask decoder", lambda h, emb: m.decode_masks(emb, m.project_hidden(h)),
+            graphs, self._warnings,
+        )
+
+    @property
+    def warnings(self) -> list[str]:
+        """Fallbacks taken so far (a capture or compilation that failed and runs eagerly)."""
+        static = self._static.fallbacks if self._static is not None else []
+        return list(self._warnings) + list(static)
 
     # ------------------------------------------------------------------ public API
     def segment(
@@ -189,19 +414,76 @@ class GSVAEngine:
                 self.clear_cache()
                 raise
 
-    def encode_frame(self, image: np.ndarray, frame_key: Hashable) -> None:
-        """Encode a frame ahead of any command (continuous mode pays only for the text)."""
+    def encode_frame(self, image: np.ndarray, frame_key: Hashable, wait: bool = True) -> bool:
+        """Encode a frame ahead of any command (continuous mode pays only for the text).
+
+        Cheap when there is nothing to do: an already cached ``frame_key`` (same image size)
+        returns at once without counting a cache hit, and so does ``frame_key=None`` or
+        ``cache_frames=0`` (nothing could be kept). With ``wait=False`` it returns at once
+        when another inference holds the engine (a camera callback never queues behind a
+        command). Returns True when the frame was encoded now.
+        """
+        self.check_image(image)
+        if frame_key is None or self.cache_frames == 0:
+            return False
+        if not self._lock.acquire(blocking=wait):
+            return False
+        try:
+            cached = self._frames.get(frame_key)
+            if cached is not None and cached.image_size == image.shape[:2]:
+                return False
+            self._frame(image, frame_key, {})
+            return True
+        except Exception:
+            self.clear_cache()
+            raise
+        finally:
+            self._lock.release()
+
+    @torch.inference_mode()
+    def warmup(self, image: np.ndarray | None = None) -> dict[str, float]:
+        """Run dummy commands so captures, compilation and lazy CUDA initialisation happen now.
+
+        With CUDA graphs every padded text size and every mask-decoder prompt count up to
+        ``max_expressions`` is captured; ``generate`` runs a few tokens. Statistics and frame
+        caches are left as they were. Returns ``{"warmup_s": seconds, "graphs": n}``.
+        """
+        if image is None:
+            image = np.full((64, 64, 3), 127, np.uint8)
         self.check_image(image)
         with self._lock:
+            saved = dataclasses.replace(self.stats, extra=dict(self.stats.extra))
+            max_new = self.max_new_tokens
+            start = time.perf_counter()
             try:
-                self._frame(image, frame_key, {})
+                if self._static is not None:
+                    self._static.prepare()
+                graphs = self.compile_mode == "graphs"
+                counts = range(1, self.max_expressions + 1) if graphs else [1]
+                for n in counts:
+                    exprs = [f"x{i}" for i in range(n)]
+                    self._segment(image, ", ".join(exprs), exprs, _WARMUP_KEY, "slots", True)
+                self.max_new_tokens = min(max_new, 4)
+                self._segment(image, "x", ["x"], _WARMUP_KEY, "generate", False)
             except Exception:
                 self.clear_cache()
                 raise
+            finally:
+                self.max_new_tokens = max_new
+                self._frames.pop(_WARMUP_KEY, None)
+                self.stats = saved
+            self._sync()
+            graphs = sum(g.captured for g in (self._encode_sam, self._encode_clip,
+                                              self._mask_logits))
+            if self._static is not None:
+                graphs += len(self._static._graphs)
+            return {"warmup_s": time.perf_counter() - start, "graphs": float(graphs)}
 
     def clear_cache(self) -> None:
         with self._lock:
             self._frames.clear()
+            if self._static is not None:
+                self._static.resident = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -209,6 +491,9 @@ class GSVAEngine:
         """Drop caches and the model; frees GPU memory (lifecycle cleanup)."""
         with self._lock:
             self._frames.clear()
+            self._static = None
+            for g in (self._encode_sam, self._encode_clip, self._mask_logits):
+                g.enabled, g._calls = False, {}
             self.model = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -216,6 +501,31 @@ class GSVAEngine:
     @property
     def cached_frames(self) -> int:
         return len(self._frames)
+
+    @property
+    def cache_memory_bytes(self) -> int:
+        """Bytes held by the frame caches (SAM embeddings, CLIP features, prefix KV)."""
+        return sum(f.nbytes for f in self._frames.values())
+
+    def memory_report(self) -> dict[str, int]:
+        """Memory in bytes: frame caches, their limit (0 = none), the static KV buffer, the
+        model's parameters and buffers, and CUDA's allocator counters (0 on CPU)."""
+        model_bytes = 0
+        if self.model is not None:
+            model_bytes = sum(
+                t.numel() * t.element_size()
+                for t in list(self.model.parameters()) + list(self.model.buffers())
+            )
+        cuda = self.device.type == "cuda"
+        return {
+            "cached_frames": self.cached_frames,
+            "cache_bytes": self.cache_memory_bytes,
+            "cache_bytes_limit": self.cache_bytes or 0,
+            "static_kv_bytes": self._static.nbytes if self._static is not None else 0,
+            "model_bytes": model_bytes,
+            "cuda_allocated_bytes": torch.cuda.memory_allocated(self.device) if cuda else 0,
+            "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else 0,
+        }
 
     @staticmethod
     def check_image(image: np.ndarray) -> None:
@@ -254,27 +564,73 @@ class GSVAEngine:
                 return frame, True
         cfg, m = self.config, self.model
         t0 = self._now()
-        sam_px, resized = sam_preprocess(image, cfg.sam_image_size)
-        sam_emb = m.encode_sam(sam_px[None].to(self.device))
-        t1 = self._now()
+        if self.device.type == "cuda":
+            sam_px, resized = sam_pixels(image, cfg.sam_image_size, self.device)
+        else:
+            px, resized = sam_preprocess(image, cfg.sam_image_size)
+            sam_px = px[None].to(self.device)
+        sam_emb = self._encode_sam(sam_px.to(self.dtype))
+        # CLIP's host-side resize runs while the GPU is busy with SAM (launches are async), so
+        # the "sam" timing includes it and "clip" is the CLIP forward alone.
         clip_px = clip_preprocess(image, cfg.vision_image_size)
-        feats = m.encode_clip(clip_px[None].to(self.device))
+        t1 = self._now()
+        feats = self._encode_clip(clip_px[None].to(self.device, self.dtype))
         t2 = self._now()
-        prefix = encode_conversation(self.tokenizer, cfg, ["x"], with_answer=False)
-        prefix_ids = prefix.ids[: prefix.prefix_len]
+        prefix_ids = list(self._prefix_ids)
         ids = torch.tensor([prefix_ids], device=self.device)
-        _, cache = m.run_language(m.embed(ids, feats), use_cache=True)
+        cache = self._prefill(m.embed(ids, feats))
         t3 = self._now()
         self.stats.sam_encodes += 1
         self.stats.clip_encodes += 1
         self.stats.prefills += 1
         t.update(sam=(t1 - t0) * 1e3, clip=(t2 - t1) * 1e3, prefill=(t3 - t2) * 1e3)
         frame = FrameFeatures(image.shape[:2], resized, feats, sam_emb, prefix_ids, cache)
-        if key is not None and self.cache_frames > 0:
-            self._frames[key] = frame
-            while len(self._frames) > self.cache_frames:
-                self._frames.popitem(last=False)
+        frame.nbytes = tensor_bytes(sam_emb) + tensor_bytes(feats) + tensor_bytes(cache)
+        self._remember(key, frame)
         return frame, False
+
+    def _remember(self, key: Hashable | None, frame: FrameFeatures) -> None:
+        """Cache ``frame``, then evict oldest-first beyond ``cache_frames`` / ``cache_bytes``
+        (a frame larger than ``cache_bytes`` on its own is not kept)."""
+        if key is None or self.cache_frames == 0:
+            return
+        self._frames[key] = frame
+        self._frames.move_to_end(key)
+        limit = self.cache_bytes
+        while self._frames and (
+            len(self._frames) > self.cache_frames
+            or (limit is not None and self.cache_memory_bytes > limit)
+        ):
+            self._frames.popitem(last=False)
+            self.stats.evictions += 1
+
+    def _prefill(self, embeds: torch.Tensor) -> object:
+        """1×P×H prefix embeddings → the frame's prefix KV (see ``FrameFeatures.cache``)."""
+        static = self._static
+        if static is not None:
+            static.resident = None  # the prefix region is being overwritten
+            static.crop(0)
+            static.forward_embeds(embeds[0], exact=True)
+            prefix = static.save_prefix(static.length)
+            static.resident = prefix  # the buffer holds exactly this prefix now
+            return prefix
+        _, cache = self.model.run_language(embeds, use_cache=True)
+        return cache
+
+    def _state(self, frame: FrameFeatures, needed: int) -> LanguageState:
+        """A language state holding the frame's prefix, with room for ``needed`` positions."""
+        m = self.model
+        if isinstance(frame.cache, torch.Tensor):
+            static = self._static
+            if static is not None and needed <= static.capacity:
+                static.load_prefix(frame.cache)
+                return static
+            # Longer than the static cache was sized for (rare): rebuild a dynamic prefix.
+            self.stats.extra["static_overflows"] = self.stats.extra.get("static_overflows", 0) + 1
+            ids = torch.tensor([frame.prefix_ids], device=self.device)
+            _, cache = m.run_language(m.embed(ids, frame.image_features), use_cache=True)
+            return DynamicState(m, cache)
+        return DynamicState(m, frame.cache)
 
     @torch.inference_mode()
     def _segment(
@@ -289,32 +645,29 @@ class GSVAEngine:
         t: dict[str, float] = {}
         start = self._now()
         frame, cached = self._frame(image, key, t)
-        cfg, m = self.config, self.model
-        conv = encode_conversation(self.tokenizer, cfg, expressions, with_answer=True)
+        conv = encode_conversation(self.tokenizer, self.config, expressions, with_answer=True)
         if conv.ids[: frame.prefix_len] != frame.prefix_ids:
             raise RuntimeError("prompt prefix differs from the cached frame prefix")
-        note = ""
         t_dec = self._now()
+        needed = len(conv.ids)
+        if decoding == "generate":
+            needed = max(needed, conv.prompt_len + self.max_new_tokens + 1)
+        state = self._state(frame, needed)
+        passes: dict[str, int] = {}
         try:
-            if decoding == "generate":
-                prompt_ids = conv.ids[: conv.prompt_len]
-                gen = generate(m, prompt_ids, frame.prefix_len, frame.cache, cfg.max_new_tokens)
-                response = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False).strip()
-                slots = gen.slots
-                if len(slots) != len(expressions):
-                    note = (
-                        f"generate produced {len(slots)} slot(s) for {len(expressions)} "
-                        f"expression(s); answered with slot decoding instead"
-                    )
-                    self._crop(frame)
-                    decoding = "slots"
-            if decoding == "slots":
-                slots = decode_slots(
-                    m, conv.ids, conv.slot_positions, frame.prefix_len, frame.cache
+            try:
+                slots, response, decoding, note = self._decode(
+                    state, frame, conv, expressions, decoding, passes
                 )
-                response = answer_text(expressions, [s.present for s in slots])
+            except CapacityError:  # static cache too small after all: answer eagerly
+                state.crop(frame.prefix_len)
+                state = self._state(frame, self._static.capacity + 1 if self._static else 0)
+                slots, response, decoding, note = self._decode(
+                    state, frame, conv, expressions, decoding, passes
+                )
         finally:
-            self._crop(frame)
+            state.crop(frame.prefix_len)
+        self.stats.slot_passes += passes.get("passes", 0)
         t_masks = self._now()
         targets = self._targets(frame, expressions, slots, masks_for_rejected)
         end = self._now()
@@ -334,12 +687,26 @@ class GSVAEngine:
             timings_ms=t,
         )
 
-    @staticmethod
-    def _crop(frame: FrameFeatures) -> None:
-        """Roll the frame's KV cache back to the image prefix (copy-on-use without a copy)."""
-        extra = frame.cache.get_seq_length() - frame.prefix_len
-        if extra > 0:
-            frame.cache.crop(-extra)
+    def _decode(self, state: LanguageState, frame: FrameFeatures, conv, expressions: list[str],
+                decoding: str, passes: dict[str, int]):
+        """→ (slots, response text, decoding actually used, note)."""
+        m, p = self.model, frame.prefix_len
+        note = ""
+        if decoding == "generate":
+            prompt_ids = conv.ids[: conv.prompt_len]
+            gen = generate(m, prompt_ids, p, state, self.max_new_tokens, self.min_new_tokens)
+            response = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False).strip()
+            slots = gen.slots
+            if len(slots) == len(expressions):
+                return slots, response, decoding, note
+            note = (
+                f"generate produced {len(slots)} slot(s) for {len(expressions)} "
+                f"expression(s); answered with slot decoding instead"
+            )
+            state.crop(p)
+        decode = decode_slots_speculative if self.slot_decoding == "speculative" else decode_slots
+        slots = decode(m, conv.ids, conv.slot_positions, p, state, stats=passes)
+        return slots, answer_text(expressions, [s.present for s in slots]), "slots", note
 
     def _targets(
         self,
@@ -352,8 +719,8 @@ class GSVAEngine:
         want = [i for i, s in enumerate(slots) if s.present or masks_for_rejected]
         masks: dict[int, np.ndarray] = {}
         if want:
-            hidden = torch.stack([slots[i].hidden for i in want])
-            low_res = m.decode_masks(frame.sam_embedding, m.project_hidden(hidden))
+            hidden = torch.stack([slots[i].hidden for i in want])  # n×H
+            low_res = self._mask_logits(hidden, frame.sam_embedding)  # n×1×4h×4w
             logits = m.postprocess_masks(low_res, frame.resized, frame.image_size)
             binary = (logits >= 0).cpu().numpy()  # GSVA's eval threshold: logit >= 0
             masks = {i: binary[j] for j, i in enumerate(want)}
@@ -365,3 +732,22 @@ class GSVAEngine:
             else:
                 targets.append(Target(phrase, False, s.score, forced_mask=masks.get(i)))
         return targets
+
+
+def _check_quantize_available(mode: str, device: torch.device) -> None:
+    """Fail before loading a model when ``quantize`` cannot work (clear, actionable message)."""
+    import importlib.util
+
+    from gsva_ros.model.gsva import QuantizationError
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationError(
+            f"quantize={mode} needs bitsandbytes, which is not installed; install it with "
+            f"`pip install bitsandbytes==0.50.2` (CUDA GPU needed for useful speed), or use "
+            f"quantize=none"
+        )
+    if device.type != "cuda":
+        log.warning(
+            "quantize=%s on %s: bitsandbytes' CPU kernels are for smoke tests only (slow, "
+            "no memory benefit that matters); use a CUDA device", mode, device
+        )

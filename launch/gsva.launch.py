@@ -38,13 +38,18 @@ def _parameter_overrides(context: LaunchContext) -> dict:
 
 
 def _gsva_node(context: LaunchContext) -> list[Node]:
+    # The params file's "gsva:" section is read here and passed as a dictionary, so it applies
+    # to the node whatever the namespace (a file key only matches one fully qualified name).
+    from gsva_ros.ros.params import load_node_parameters
+
+    params = load_node_parameters(_value(context, "params_file"))
     return [
         Node(
             package="gsva_ros",
             executable="gsva_node",
             name="gsva",
             namespace=_value(context, "namespace"),
-            parameters=[_value(context, "params_file"), _parameter_overrides(context)],
+            parameters=[params, _parameter_overrides(context)],
             remappings=[
                 ("image", _value(context, "image_topic")),
                 ("command", _value(context, "command_topic")),
@@ -69,7 +74,7 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument(
                 "params_file",
                 default_value=default_params,
-                description="YAML file with the node parameters (key /**/gsva).",
+                description="YAML file with the node parameters (section gsva: ros__parameters:).",
             ),
             DeclareLaunchArgument(
                 "model",

@@ -11,18 +11,19 @@ About once per second a ``std_msgs/String`` command is published half a frame af
 it is timed with, so "the latest image at or before the command" is that frame. Its
 expressions come from :func:`~gsva_ros.data.synth.sample_expressions` on that frame and are
 kept only if they stay true, with the same targets, on every frame until the next command
-(the frames a continuous-mode node applies the command to). Several expressions are joined
-with ``", "`` or ``"; "`` (synthetic expressions never contain commas or "and").
+and on that next frame itself, which a continuous-mode node still answers with this command
+before the next command arrives. Several expressions are joined with ``", "`` or ``"; "``
+(synthetic expressions never contain commas or "and").
 
 Topics (stamps start at a fixed epoch, so a seed gives the same bag every time):
 
 * ``/camera/image_raw`` — ``sensor_msgs/Image`` rgb8, ``frame_id`` ``camera``;
 * ``/gsva/command`` — ``std_msgs/String``;
 * ``/gsva/ground_truth`` — ``gsva_ros/Segmentation`` (convention in :mod:`gsva_ros.bag.replay`):
-  one per frame from a command's frame up to the next command's frame, header = that image's
-  header, ``command`` = the command, one Target per expression with ``present``, a mono8
-  label map (k = k-th target object) and one box per target object; bag timestamp = the later
-  of the image and the command timestamps.
+  one per frame a command applies to (its frame up to and including the next command's frame,
+  within one scene), header = that image's header, ``command`` = the command, one Target per
+  expression with ``present``, a mono8 label map (k = k-th target object) and one box per
+  target object; bag timestamp = the later of the image and the command timestamps.
 """
 
 from __future__ import annotations
@@ -143,12 +144,10 @@ class SamplePlan:
         """Frame ``i``: RGB uint8 image and the visible instance mask of each object."""
         return render(self.scene(i))
 
-    def command_at(self, i: int) -> PlannedCommand | None:
-        """The command whose window holds frame ``i`` (None before the first command)."""
-        for cmd in self.commands:
-            if i in cmd.window:
-                return cmd
-        return None
+    def commands_at(self, i: int) -> list[PlannedCommand]:
+        """The commands whose windows hold frame ``i`` (two on a command's own frame: the
+        previous command still applies to it until the new one arrives)."""
+        return [cmd for cmd in self.commands if i in cmd.window]
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -281,7 +280,9 @@ def plan_sample(
         truth = {i: _truth_table(scenes[i], frames[i][1]) for i in frames}
         seg_cmds = [(j, f) for j, f in enumerate(cmd_frames) if start <= f < stop]
         for n, (j, f) in enumerate(seg_cmds):
-            end = seg_cmds[n + 1][1] if n + 1 < len(seg_cmds) else stop
+            # Up to and including the next command's frame: a continuous node applies this
+            # command to that frame before the next command arrives (half a frame later).
+            end = seg_cmds[n + 1][1] + 1 if n + 1 < len(seg_cmds) else stop
             window = range(f, end)
             rng_c = np.random.default_rng([seed, 3, j])
             for _ in range(_RESAMPLE_TRIES):
@@ -363,7 +364,6 @@ def write_sample_bag(
     from gsva_ros.ros.conversions import result_to_msg, rgb_to_msg
 
     start = time.perf_counter()
-    cmd_at_frame = {c.frame: c for c in plan.commands}
     n_gt = 0
     with BagWriter(out, storage, overwrite) as bag:
         bag.add_topic(IMAGE_TOPIC, "sensor_msgs/msg/Image")
@@ -375,14 +375,12 @@ def write_sample_bag(
             header = Header(frame_id=FRAME_ID)
             set_stamp(header, stamp)
             bag.write_msg(IMAGE_TOPIC, stamp, rgb_to_msg(image, header))
-            cmd = plan.command_at(i)
-            if cmd is None:
-                continue
-            if i in cmd_at_frame:
-                bag.write_msg(COMMAND_TOPIC, cmd.stamp_ns, String(data=cmd.text))
-            gt = result_to_msg(ground_truth_result(cmd, masks), header, cmd.text)
-            bag.write_msg(GROUND_TRUTH_TOPIC, max(stamp, cmd.stamp_ns), gt)
-            n_gt += 1
+            for cmd in plan.commands_at(i):  # the previous command first (earlier stamp)
+                if cmd.frame == i:
+                    bag.write_msg(COMMAND_TOPIC, cmd.stamp_ns, String(data=cmd.text))
+                gt = result_to_msg(ground_truth_result(cmd, masks), header, cmd.text)
+                bag.write_msg(GROUND_TRUTH_TOPIC, max(stamp, cmd.stamp_ns), gt)
+                n_gt += 1
     cases = [c for cmd in plan.commands for c in cmd.cases]
     size = sum(f.stat().st_size for f in Path(out).iterdir())
     return {

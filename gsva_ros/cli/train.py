@@ -1,7 +1,8 @@
 """``gsva-ros train``: train the tiny GSVA from scratch, or fine-tune a model directory.
 
     gsva-ros train --data data/synth-train --config tiny --out runs/tiny
-    gsva-ros train --data refer_seg/grefcoco --images coco/train2014 --config models/gsva-7b --out runs/ft
+    gsva-ros train --data refer_seg/grefcoco --images coco/train2014 \
+        --config models/gsva-7b --out runs/ft
 """
 
 from __future__ import annotations

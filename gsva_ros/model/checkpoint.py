@@ -42,7 +42,10 @@ def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        # Never run code shipped in a model directory (and never ask about it on stdin).
+        return AutoTokenizer.from_pretrained(
+            str(model_dir), local_files_only=True, trust_remote_code=False
+        )
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load the tokenizer from {model_dir}: {exc}") from exc
 
@@ -53,13 +56,24 @@ def build_model(config: GSVAConfig, state_dict: dict[str, torch.Tensor]) -> GSVA
 
     with init_empty_weights(include_buffers=False):
         model = GSVAModel(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint does not match the model: {len(missing)} missing "
+            f"weights do not match config.json: {len(missing)} missing "
             f"({', '.join(missing[:5])}…), {len(unexpected)} unexpected "
             f"({', '.join(unexpected[:5])}…)"
+        )
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if wrong:  # one short line, not torch's multi-kilobyte report
+        raise CheckpointError(
+            f"weights do not match config.json: {len(wrong)} tensor shapes differ "
+            f"(stored vs config), e.g. {'; '.join(wrong[:3])}"
         )
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model

@@ -86,10 +86,24 @@ class GSVAConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> GSVAConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        if not isinstance(data, dict):
+            raise ValueError(f"a GSVA config must be a JSON object, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ValueError(f"unknown GSVA config fields: {', '.join(unknown)}")
+            raise ValueError(f"unknown GSVA config fields: {', '.join(unknown[:10])}")
+        defaults = cls()
+        for name, value in data.items():
+            expected = type(getattr(defaults, name))
+            ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True  # JSON writes 10000.0 as 10000
+            if expected is list and ok:
+                ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            if not ok:
+                raise ValueError(
+                    f"GSVA config field {name!r} must be {expected.__name__}, got {value!r:.40}"
+                )
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -98,10 +112,10 @@ class GSVAConfig:
     @classmethod
     def load(cls, path: str | Path) -> GSVAConfig:
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls.from_dict(data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
             raise ValueError(f"cannot read GSVA config {path}: {exc}") from exc
-        return cls.from_dict(data)
 
 
 def gsva_7b() -> GSVAConfig:

@@ -14,7 +14,8 @@ Splitting rules (documented in the README and tested in ``test/model/test_text.p
    the text is lower-cased, as GSVA's prompts are.
 4. Pieces without any letter or digit (stray punctuation, a lone "and") are dropped. An
    empty result, more than ``max_expressions`` expressions, a command longer than
-   ``max_command_chars`` or an expression longer than ``max_expression_chars`` raises :class:`CommandError` with a message meant for the user.
+   ``max_command_chars`` or an expression longer than ``max_expression_chars`` raises
+   :class:`CommandError` with a message meant for the user.
 """
 
 from __future__ import annotations
@@ -54,7 +55,14 @@ def neutralise(text: str) -> str:
 def normalise_expression(text: str) -> str:
     """Neutralise, collapse whitespace, strip trailing punctuation and lower-case."""
     text = " ".join(neutralise(text).split())
-    text = _LEADING.sub("", _TRAILING.sub("", text)).lower()
+    # Strip separators until none is left, so normalising twice changes nothing (the prompt
+    # re-normalises expressions; phrase and prompt must stay the same text).
+    while True:
+        stripped = _LEADING.sub("", _TRAILING.sub("", text))
+        if stripped == text:
+            break
+        text = stripped
+    text = text.lower()
     return "" if text == "and" else text
 
 

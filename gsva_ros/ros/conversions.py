@@ -70,12 +70,18 @@ def image_to_rgb(msg: Image) -> np.ndarray:
     return np.ascontiguousarray(pixels[:, :, 2::-1])
 
 
+def _short_encoding(encoding: str, limit: int = 32) -> str:
+    """The encoding for messages and logs, cut so a garbage field cannot flood them."""
+    return encoding if len(encoding) <= limit else encoding[:limit] + f"…({len(encoding)} chars)"
+
+
 def _check_image(msg: Image) -> tuple[int, tuple[int, ...]]:
     """Validate an image message header against its payload; return (channels, order)."""
     encoding = msg.encoding
     if encoding not in _ENCODINGS:
         raise ImageError(
-            f"unsupported image encoding {encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}"
+            f"unsupported image encoding {_short_encoding(encoding)!r}; "
+            f"supported: {', '.join(SUPPORTED_ENCODINGS)}"
         )
     channels, order = _ENCODINGS[encoding]
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
@@ -103,7 +109,8 @@ def _check_image(msg: Image) -> tuple[int, tuple[int, ...]]:
 
 def describe_image(msg: Image) -> str:
     """One-line summary for logs (never the payload)."""
-    return f"{msg.width}x{msg.height} {msg.encoding or '<no encoding>'} step={msg.step}"
+    encoding = _short_encoding(msg.encoding) if msg.encoding else "<no encoding>"
+    return f"{msg.width}x{msg.height} {encoding} step={msg.step}"
 
 
 def is_empty_image(msg: Image) -> bool:

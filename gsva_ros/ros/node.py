@@ -3,7 +3,7 @@
 Interfaces (names relative to the node namespace, remap as usual):
 
 - subscribes ``image`` (sensor_msgs/Image; QoS from ``image_qos``, depth 1) and ``command``
-  (std_msgs/String; reliable, depth 100 so bursts are not lost in the middleware);
+  (std_msgs/String; reliable, KEEP_ALL so a burst never overwrites unanswered commands);
 - publishes ``segmentation`` (gsva_ros/Segmentation), ``overlay`` (rgb8, only while someone
   subscribes and ``publish_overlay`` is true) and ``/diagnostics`` (~1 Hz);
 - serves ``~/segment`` (gsva_ros/Segment): request image, or the latest camera image when the
@@ -456,7 +456,12 @@ class GSVANode(LifecycleNode):
         )
 
     def _create_interfaces(self) -> None:
-        reliable = QoSProfile(depth=COMMAND_QOS_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
+        # KEEP_ALL: a command burst while the executor is busy must never overwrite older
+        # commands in the reader history (each command is owed exactly one answer).
+        commands_qos = QoSProfile(
+            history=HistoryPolicy.KEEP_ALL, depth=COMMAND_QOS_DEPTH,
+            reliability=ReliabilityPolicy.RELIABLE,
+        )
         self._seg_pub = self.create_publisher(
             Segmentation, "segmentation",
             QoSProfile(depth=SEGMENTATION_QOS_DEPTH, reliability=ReliabilityPolicy.RELIABLE),
@@ -469,7 +474,7 @@ class GSVANode(LifecycleNode):
             callback_group=self._image_group,
         )
         self._command_sub = self.create_subscription(
-            String, "command", self._on_command, reliable, callback_group=self._command_group
+            String, "command", self._on_command, commands_qos, callback_group=self._command_group
         )
         self._service = self.create_service(
             Segment, "~/segment", self._on_segment, callback_group=self._service_group

@@ -206,8 +206,9 @@ def harness_factory(tiny_model_dir: Path, request: pytest.FixtureRequest):
     made: list[Harness] = []
     base = "/" + request.module.__name__.rsplit(".", 1)[-1]
 
-    def make(params: dict[str, Any] | None = None, start: bool = True) -> Harness:
-        h = Harness(tiny_model_dir, f"{base}_{len(made)}", params or {})
+    def make(params: dict[str, Any] | None = None, start: bool = True,
+             model_dir: Path | None = None) -> Harness:
+        h = Harness(model_dir or tiny_model_dir, f"{base}_{len(made)}", params or {})
         made.append(h)
         if start:
             h.start()

@@ -26,6 +26,7 @@ from gsva_ros.ros.node import (  # noqa: E402
     GSVANode,
     validate_parameters,
 )
+from gsva_ros.ros.params import load_node_parameters  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH_FILE = REPO / "launch" / "gsva.launch.py"
@@ -117,8 +118,9 @@ def test_cli_node_registers_as_a_subcommand():
 # --------------------------------------------------------------------------- parameter file
 def load_params_file() -> dict:
     data = yaml.safe_load(PARAMS_FILE.read_text())
-    assert list(data) == [f"/**/{NODE_NAME}"], "one node section, any namespace"
-    return data[f"/**/{NODE_NAME}"]["ros__parameters"]
+    assert list(data) == [NODE_NAME], "one section, the plain 'gsva: ros__parameters:' key"
+    assert load_node_parameters(PARAMS_FILE) == data[NODE_NAME]["ros__parameters"]
+    return data[NODE_NAME]["ros__parameters"]
 
 
 def test_params_file_lists_every_declared_parameter_with_valid_default_values():
@@ -141,7 +143,12 @@ def test_params_file_applies_to_a_namespaced_node(tmp_path):
     values["mode"] = "continuous"
     values["max_rate_hz"] = 7  # an int in YAML is fine for a float parameter
     custom = tmp_path / "custom.yaml"
-    custom.write_text(yaml.safe_dump({f"/**/{NODE_NAME}": {"ros__parameters": values}}))
+    custom.write_text(yaml.safe_dump({NODE_NAME: {"ros__parameters": values}}))
+    # what the launch file does: read the gsva section, hand it over for whatever namespace
+    # (launch_ros writes a dictionary of parameters under the wildcard key)
+    handed = tmp_path / "handed.yaml"
+    handed.write_text(yaml.safe_dump({"/**": {"ros__parameters": load_node_parameters(custom)}}))
+    custom = handed
     context = rclpy.Context()
     rclpy.init(args=["x", "--ros-args", "--params-file", str(custom), "-r", "__ns:=/robot/arm"],
                context=context)
@@ -219,3 +226,16 @@ def test_launch_file_starts_the_installed_executable():
     assert remapped == {"image", "command"}
     assert "--log-level" in ast.unparse(kw["arguments"])
     assert "install(DIRECTORY" in cmake and "launch config" in cmake
+
+
+def test_params_loader_accepts_wildcards_and_names_bad_files(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"mode": "once", "max_rate_hz": 1.0}},
+                                 "/**/gsva": {"ros__parameters": {"mode": "continuous"}},
+                                 "other": {"ros__parameters": {"mode": "x"}}}))
+    assert load_node_parameters(f) == {"mode": "continuous", "max_rate_hz": 1.0}
+    f.write_text(yaml.safe_dump({"other": {"ros__parameters": {}}}))
+    with pytest.raises(ValueError, match="no 'gsva: ros__parameters:' section"):
+        load_node_parameters(f)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_node_parameters(tmp_path / "missing.yaml")

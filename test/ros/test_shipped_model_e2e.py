@@ -1,0 +1,53 @@
+"""End to end through ROS topics with the shipped default model (issue: tiny GSVA).
+
+An image with a red circle, a blue square and a green triangle; the command "the red circle,
+the blue square and the purple star" → two present targets whose masks match the drawn shapes
+(IoU ≥ 0.8) and one target absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gsva_ros.data.synth import Background, ObjectSpec, SceneSpec, render
+
+MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "tiny"
+
+
+def _scene() -> tuple[np.ndarray, list[np.ndarray]]:
+    scene = SceneSpec(
+        height=360,
+        width=480,
+        background=Background("solid", {"color": [200, 200, 190]}),
+        objects=[
+            ObjectSpec("circle", "red", "big", cx=150, cy=110, radius=55),
+            ObjectSpec("square", "blue", "big", cx=330, cy=130, radius=60, angle=10),
+            ObjectSpec("triangle", "green", "big", cx=240, cy=270, radius=60),
+        ],
+    )
+    return render(scene)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def test_red_circle_blue_square_purple_star(harness_factory, helpers):
+    rgb, masks = _scene()
+    h = harness_factory(model_dir=MODEL_DIR)
+    image = h.publish_image(h.make_image(rgb))
+    command = "the red circle, the blue square and the purple star"
+    answer = h.ask(command)
+    assert answer.error == ""
+    assert helpers.same_header(answer.header, image.header)
+    phrases = ["the red circle", "the blue square", "the purple star"]
+    assert [t.phrase for t in answer.targets] == phrases
+    assert [t.present for t in answer.targets] == [True, True, False]
+    for target, truth in zip(answer.targets[:2], masks[:2], strict=True):
+        assert (target.mask.height, target.mask.width) == rgb.shape[:2]
+        pred = np.frombuffer(bytes(target.mask.data), np.uint8).reshape(rgb.shape[:2]) > 0
+        assert _iou(pred, truth) >= 0.8, (target.phrase, _iou(pred, truth))
+    absent = answer.targets[2]
+    assert absent.mask.height == 0 and absent.mask.width == 0 and len(absent.objects) == 0
