@@ -227,6 +227,12 @@ PARAMETERS: dict[str, ParamSpec] = {
         True, "Publish the rgb8 overlay (computed only while 'overlay' has subscribers).",
         _boolean(),
     ),
+    "preencode": _spec(
+        False,
+        "Encode each new camera frame while the worker is idle, so a command only pays for "
+        "its text and the mask decoder (always done in continuous mode; costs compute).",
+        _boolean(),
+    ),
     "command_queue_size": _spec(
         10,
         "Commands waiting for the worker; a command arriving on a full queue is answered at "
@@ -287,12 +293,14 @@ class _Job:
     reply: Future | None = None  # set for service calls
     from_topic: bool = False  # topic commands become the standing command in continuous mode
     frame: _Frame | None = None  # pinned frame (continuous jobs)
+    encode_only: bool = False  # pre-encode ``frame`` for later commands; nothing to answer
 
 
 @dataclass
 class _Stats:
     frames_received: int = 0
     dropped_frames: int = 0
+    preencoded: int = 0
     answered: int = 0
     errored: int = 0
     last_error: str = ""
@@ -319,6 +327,7 @@ class GSVANode(LifecycleNode):
         self._latest: _Frame | None = None
         self._frame_counter = 0
         self._last_used_key = 0
+        self._last_encoded_key = 0
         self._standing: str | None = None  # continuous mode: command applied to new frames
         self._next_continuous_at = 0.0
         self._active = False
@@ -395,6 +404,15 @@ class GSVANode(LifecycleNode):
                 f"cannot load model {self._param('model')!r} "
                 f"(device={self._param('device')}, dtype={self._param('dtype')}): {exc}"
             )
+            return TransitionCallbackReturn.FAILURE
+        try:
+            # Lazy CUDA init, graph capture or compilation happen now, not on the first command.
+            warm = self._engine.warmup()
+            self.get_logger().info(f"warm-up done in {warm.get('warmup_s', 0.0):.2f} s")
+        except Exception as exc:  # noqa: BLE001 - a model that cannot run one command is broken
+            self.get_logger().error(f"model {self._param('model')!r} failed its warm-up: {exc}")
+            self._engine.close()
+            self._engine = None
             return TransitionCallbackReturn.FAILURE
         self._create_interfaces()
         self._start_worker()
@@ -589,6 +607,9 @@ class GSVANode(LifecycleNode):
             job = self._next_job()
             if job is None:
                 continue
+            if job.encode_only:
+                self._preencode(job.frame)
+                continue
             try:
                 msg = self._process(job)
             except BaseException as exc:  # noqa: BLE001 - the worker must never die silently
@@ -615,8 +636,32 @@ class GSVANode(LifecycleNode):
                         self._last_used_key = frame.key
                         self._schedule_continuous()
                         return _Job(command=self._standing, received=frame.received, frame=frame)
+                if self._wants_preencode(frame):
+                    self._last_encoded_key = frame.key
+                    return _Job(command="", received=frame.received, frame=frame,
+                                encode_only=True)
                 self._cond.wait(timeout=min(wait, 1.0))
         return None
+
+    def _wants_preencode(self, frame: _Frame | None) -> bool:
+        """Idle and a frame not encoded yet (continuous mode, or ``preencode`` on)."""
+        return (
+            self._active
+            and frame is not None
+            and frame.key > max(self._last_encoded_key, self._last_used_key)
+            and (self._param("mode") == "continuous" or bool(self._param("preencode")))
+        )
+
+    def _preencode(self, frame: _Frame) -> None:
+        """Encode a frame ahead of commands; problems surface when a command uses the frame."""
+        engine = self._engine
+        if engine is None:
+            return
+        try:
+            engine.encode_frame(image_to_rgb(frame.msg), frame.key)
+            self._stats.preencoded += 1
+        except Exception as exc:  # noqa: BLE001 - reported by the command that uses the frame
+            self.get_logger().debug(f"pre-encoding frame {frame.key} failed: {exc}")
 
     def _schedule_continuous(self) -> None:
         rate = float(self._param("max_rate_hz"))
@@ -760,6 +805,7 @@ class GSVANode(LifecycleNode):
                 "latency_p95_ms": float(np.percentile(lat, 95)) if lat.size else 0.0,
                 "frames_received": s.frames_received,
                 "dropped_frames": s.dropped_frames,
+                "preencoded_frames": s.preencoded,
                 "queue_depth": len(self._jobs),
                 "commands_answered": s.answered,
                 "commands_errored": s.errored,

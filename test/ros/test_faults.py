@@ -195,14 +195,14 @@ BREAKAGES: dict[str, tuple[Callable[[Path], object], str]] = {
         "unknown GSVA config fields: evil"),
     "config-wrong-geometry": (
         lambda d: (d / "config.json").write_text(json.dumps({**_config(d), "hidden_size": 64})),
-        "size mismatch"),
+        "tensor shapes differ"),
     "no-tokenizer": (
         lambda d: [(d / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
         "cannot load the tokenizer"),
     "tokenizer-garbage": (lambda d: (d / "tokenizer.json").write_text("{garbage"),
                           "cannot load the tokenizer"),
     "tokenizer-mismatch": (_tokenizer_of_another_model, "tokenizer and model config disagree"),
-    "missing-tensor": (_drop_one_tensor, "checkpoint does not match the model: 1 missing"),
+    "missing-tensor": (_drop_one_tensor, "weights do not match config.json: 1 missing"),
 }
 
 
