@@ -68,7 +68,7 @@ class GSVAConfig:
 
     # LoRA of the released checkpoints (q_proj/v_proj of LLaMA attention)
     lora_r: int = 8
-    lora_alpha: int = 16
+    lora_alpha: float = 16.0
 
     # Decoding
     max_new_tokens: int = 128

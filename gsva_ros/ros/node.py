@@ -346,6 +346,7 @@ class GSVANode(LifecycleNode):
         self._declare_parameters()
         for problem in validate_parameters(self.parameter_values()):
             self.get_logger().error(f"invalid parameter {problem} (configure will fail)")
+        self._refresh_preencode()
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
 
@@ -383,8 +384,14 @@ class GSVANode(LifecycleNode):
                     )
         return SetParametersResult(successful=True)
 
+    def _refresh_preencode(self) -> None:
+        # Cached: the worker checks it on every wake-up (up to the camera rate), and
+        # get_parameter there would cost more than the check itself.
+        self._preencode_on = self._param("mode") == "continuous" or bool(self._param("preencode"))
+
     def _after_set_parameters(self, params: list[Parameter]) -> None:
         names = {p.name for p in params}
+        self._refresh_preencode()
         with self._cond:
             if "mode" in names and self._param("mode") != "continuous":
                 self._standing = None  # leaving continuous mode ends the standing command
@@ -646,10 +653,10 @@ class GSVANode(LifecycleNode):
     def _wants_preencode(self, frame: _Frame | None) -> bool:
         """Idle and a frame not encoded yet (continuous mode, or ``preencode`` on)."""
         return (
-            self._active
+            self._preencode_on
+            and self._active
             and frame is not None
             and frame.key > max(self._last_encoded_key, self._last_used_key)
-            and (self._param("mode") == "continuous" or bool(self._param("preencode")))
         )
 
     def _preencode(self, frame: _Frame) -> None:
