@@ -66,6 +66,7 @@ from gsva_ros.bag.io import (
     stamp_ns,
 )
 from gsva_ros.bag.messages import mask_from_msg, target_case
+from gsva_ros.ros.wait import wait_until
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 STRING_TYPE = "std_msgs/msg/String"
@@ -618,12 +619,7 @@ def _write_recorded(out: BagWriter, rec: tuple[int, str, bytes], seg_topic: str,
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+    wait_until(predicate, timeout, what, error=RuntimeError)
 
 
 def _wait_for_answers(node: Any, recorded: list, lock: threading.Lock, sent: int,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gsva_ros.bench.common import COMMANDS, environment, random_images, summarize
+from gsva_ros.ros.wait import wait_until
 
 DISCOVERY_TIMEOUT_S = 15.0  # Fast DDS discovery takes ~3 s on a busy machine
 ANSWER_TIMEOUT_S = 120.0
@@ -242,9 +243,4 @@ class NodeHarness:
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+    wait_until(predicate, timeout, what, error=BenchError)
