@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gsva_ros.data.grefcoco import group_by_image
 from gsva_ros.model.config import GSVAConfig
 from gsva_ros.model.gsva import GSVAModel
 from gsva_ros.model.preprocess import clip_preprocess, sam_preprocess
@@ -57,14 +58,18 @@ class ImageRefs:
 
 
 def group_images(samples: list) -> list[ImageRefs]:
-    by_image: dict[str, ImageRefs] = {}
-    for s in samples:
-        key = str(s.image_path)
-        g = by_image.setdefault(key, ImageRefs(key, [], []))
-        if s.sentence not in g.sentences:
-            g.sentences.append(s.sentence)
-            g.samples.append(s)
-    return [g for g in by_image.values() if any(not s.no_target for s in g.samples)]
+    """Images with at least one present target, each sentence once (a conversation never asks
+    the same expression twice)."""
+    groups = []
+    for refs in group_by_image(samples).values():
+        g = ImageRefs(str(refs[0].image_path), [], [])
+        for s in refs:
+            if s.sentence not in g.sentences:
+                g.sentences.append(s.sentence)
+                g.samples.append(s)
+        if any(not s.no_target for s in g.samples):
+            groups.append(g)
+    return groups
 
 
 class GRESTrainDataset(torch.utils.data.Dataset):
