@@ -129,6 +129,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 COMPILE_MODES = ("auto", "on", "off", "graphs", "inductor")
 TEXT_BUDGET = 192  # question + answer skeleton tokens the static KV cache is sized for
+# ``generate`` may run this many tokens past the template's answer length before it is cut off:
+# a GSVA answer is the skeleton with one choice per slot, so a model still talking by then is
+# looping (the tiny model sometimes never emits </s>), and every extra token is a full LLM step.
+GENERATE_MARGIN = 8
 _WARMUP_KEY = ("gsva-engine-warmup",)
 
 
@@ -294,8 +298,9 @@ class GSVAEngine:
         ``auto`` (``sdpa`` on CUDA, segment_anything's ``reference`` on CPU), ``reference``,
         ``matmul`` or ``sdpa``. ``quantize``: ``none``, ``int8`` or ``nf4`` (bitsandbytes).
         ``max_new_tokens`` (default from the model config) / ``min_new_tokens`` bound
-        ``generate``. ``static_capacity``: positions in the static KV cache (default: prefix
-        + 192 text tokens + ``max_new_tokens``).
+        ``generate``; it also stops ``GENERATE_MARGIN`` tokens after the length of the
+        template's answer for the command. ``static_capacity``: positions in the static KV
+        cache (default: prefix + 192 text tokens + ``max_new_tokens``).
         """
         if decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
@@ -694,7 +699,8 @@ class GSVAEngine:
         note = ""
         if decoding == "generate":
             prompt_ids = conv.ids[: conv.prompt_len]
-            gen = generate(m, prompt_ids, p, state, self.max_new_tokens, self.min_new_tokens)
+            gen = generate(m, prompt_ids, p, state, self.generate_budget(conv),
+                           self.min_new_tokens)
             response = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False).strip()
             slots = gen.slots
             if len(slots) == len(expressions):
@@ -707,6 +713,11 @@ class GSVAEngine:
         decode = decode_slots_speculative if self.slot_decoding == "speculative" else decode_slots
         slots = decode(m, conv.ids, conv.slot_positions, p, state, stats=passes)
         return slots, answer_text(expressions, [s.present for s in slots]), "slots", note
+
+    def generate_budget(self, conv) -> int:
+        """Most tokens ``generate`` may produce for ``conv`` (its skeleton answer incl. EOS)."""
+        expected = len(conv.ids) - conv.prompt_len
+        return max(self.min_new_tokens, min(self.max_new_tokens, expected + GENERATE_MARGIN))
 
     def _targets(
         self,

@@ -31,6 +31,42 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--vocab-size", type=int, default=512, help="tiny tokenizer size")
+    p.add_argument("--bce-weight", type=float, default=2.0, help="mask BCE weight (GSVA: 2)")
+    p.add_argument("--dice-weight", type=float, default=0.5, help="mask DICE weight (GSVA: 0.5)")
+    p.add_argument(
+        "--slot-weight",
+        type=float,
+        default=1.0,
+        help="CE weight of the [SEG]/[REJ] answer tokens relative to the others (GSVA: 1)",
+    )
+    p.add_argument(
+        "--single-first",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="curriculum: leave multi-target expressions out of the first STEPS steps",
+    )
+    p.add_argument(
+        "--decoder-hold",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="hold SAM's prompt encoder and mask decoder back for the first STEPS steps",
+    )
+    p.add_argument(
+        "--decoder-hold-scale",
+        type=float,
+        default=0.0,
+        help="learning-rate factor for them while held (0 = frozen)",
+    )
+    p.add_argument(
+        "--pretrain-lm",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="text-only warm-up of a from-scratch language model before GSVA training",
+    )
+    p.add_argument("--pretrain-lm-lr", type=float, default=1e-3, help="its learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
@@ -63,6 +99,14 @@ def run(args: argparse.Namespace) -> int:
     from gsva_ros.model.gsva import GSVAModel
     from gsva_ros.training import TrainOptions, train
 
+    bad = [
+        f"--{k.replace('_', '-')} must be {'> 0' if k == 'slot_weight' else '>= 0'}"
+        for k in ("bce_weight", "dice_weight", "slot_weight")
+        if getattr(args, k) < 0 or (k == "slot_weight" and args.slot_weight == 0)
+    ]
+    if bad:
+        print("error: " + "; ".join(bad))
+        return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     samples = load_grefcoco(args.data, split=args.split, image_dir=args.images)
@@ -89,6 +133,14 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         save_every=args.save_every,
         seed=args.seed,
+        bce_weight=args.bce_weight,
+        dice_weight=args.dice_weight,
+        slot_weight=args.slot_weight,
+        single_first_steps=args.single_first,
+        decoder_hold_steps=args.decoder_hold,
+        decoder_hold_scale=args.decoder_hold_scale,
+        pretrain_lm_steps=args.pretrain_lm,
+        pretrain_lm_lr=args.pretrain_lm_lr,
     )
     summary = train(model, tokenizer, samples, out, opts, resume=resume)
     final = summary["final"] or {}

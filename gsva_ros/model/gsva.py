@@ -135,6 +135,25 @@ class TrainOutput:
     dice: torch.Tensor
 
 
+def _answer_ce(
+    logits: torch.Tensor, targets: torch.Tensor, cfg: GSVAConfig, slot_weight: float
+) -> torch.Tensor:
+    """B×T×V logits, B×T targets (−100 = ignored) → weighted mean CE.
+
+    Only one answer token in ~15 decides [SEG] vs [REJ]; with ``slot_weight`` > 1 that decision
+    (the only place rejection is learned) is not drowned by the easy copied-expression tokens.
+    """
+    flat_t = targets.reshape(-1)
+    per_token = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), flat_t, ignore_index=-100, reduction="none"
+    )
+    weight = (flat_t != -100).float()
+    if slot_weight != 1.0:
+        is_slot = (flat_t == cfg.seg_token_id) | (flat_t == cfg.rej_token_id)
+        weight = weight * torch.where(is_slot, slot_weight, 1.0)
+    return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+
+
 class GSVAModel(nn.Module):
     def __init__(self, config: GSVAConfig) -> None:
         super().__init__()
@@ -259,11 +278,14 @@ class GSVAModel(nn.Module):
         ce_weight: float = 1.0,
         bce_weight: float = 2.0,
         dice_weight: float = 0.5,
+        slot_weight: float = 1.0,
     ) -> TrainOutput:
         """Teacher-forced GSVA loss (§4): CE on answer tokens + 2·BCE + 0.5·DICE on masks.
 
         ``gt_masks[b]`` is n_slots_b×H_b×W_b (float 0/1) in slot order; ``[REJ]`` slots are
         all-zero, produce no prediction and only count in the mask-loss normaliser, as GSVA.
+        ``slot_weight`` scales the CE of the ``[SEG]``/``[REJ]`` answer tokens (1.0 = GSVA's
+        plain token mean); the CE stays a weighted mean over answer tokens.
         """
         from gsva_ros.model.losses import dice_loss, sigmoid_bce_loss
 
@@ -271,9 +293,7 @@ class GSVAModel(nn.Module):
         embeds = self.embed(input_ids, image_features)
         hidden, _ = self.run_language(embeds, attention_mask=attention_mask)
         logits = self.lm_head(hidden[:, :-1]).float()
-        ce = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-        )
+        ce = _answer_ce(logits, labels[:, 1:], self.config, slot_weight)
 
         image_embeddings = self.encode_sam(sam_pixels)
         seg_next = input_ids[:, 1:] == self.config.seg_token_id

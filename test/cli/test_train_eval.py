@@ -66,3 +66,36 @@ def test_eval_cli_json(small_data, small_config, tmp_path, capsys):
         assert list(result)[-1] == "count" and result["count"] > 0
         assert {"giou", "ciou", "n_acc", "t_acc"} <= set(result)
         assert 0.0 <= result["giou"] <= 1.0
+
+
+@pytest.mark.parametrize("flag,value", [("--slot-weight", "0"), ("--bce-weight", "-1")])
+def test_train_refuses_bad_loss_weights(small_data, tmp_path, capsys, flag, value):
+    out = tmp_path / "never"
+    assert main(["train", "--data", str(small_data), "--out", str(out), flag, value]) == 2
+    assert flag in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_slot_weight_reaches_the_training_loss(small_data, small_config, tmp_path):
+    """Same seed and data: only the slot-token CE weight differs, so only the CE differs."""
+    logs = {}
+    for w in ("1", "8"):
+        out = tmp_path / f"w{w}"
+        assert main(["train", "--data", str(small_data), "--config", str(small_config),
+                     "--out", str(out), "--steps", "1", "--batch-size", "2", "--vocab-size",
+                     "300", "--slot-weight", w]) == 0
+        logs[w] = _log(out)[0]
+    assert logs["1"]["bce"] == pytest.approx(logs["8"]["bce"])
+    assert logs["1"]["ce"] != pytest.approx(logs["8"]["ce"])
+
+
+def test_pretrain_lm_runs_first_and_not_again_on_resume(small_data, small_config, tmp_path):
+    out = tmp_path / "pre"
+    base = ["train", "--data", str(small_data), "--config", str(small_config), "--out", str(out),
+            "--batch-size", "2", "--vocab-size", "300", "--save-every", "2", "--pretrain-lm", "4"]
+    assert main([*base, "--steps", "2"]) == 0
+    pre = (out / "pretrain_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in pre] == [1, 2, 3, 4]
+    assert main([*base, "--steps", "3", "--resume"]) == 0
+    assert (out / "pretrain_log.jsonl").read_text().splitlines() == pre
+    assert _log(out)[-1]["step"] == 3

@@ -113,3 +113,27 @@ def test_generate_stops_at_max_new_tokens(tiny_model, tiny_tokenizer, scripted):
         gen = generate(tiny_model, conv.ids, conv.prefix_len, cache, max_new_tokens=5)
     assert gen.token_ids == [7] * 5 and not gen.finished and gen.slots == []
     assert np.isfinite(cache.get_seq_length())
+
+
+def test_engine_cuts_a_looping_generation_after_the_answer_length(
+    tiny_model, tiny_tokenizer, scripted, rgb_image
+):
+    from gsva_ros.engine import GENERATE_MARGIN
+
+    cfg = tiny_model.config
+    loop = tiny_tokenizer(" a", add_special_tokens=False)["input_ids"][0]
+    head = scripted([{loop: 5.0}])  # never EOS, never a slot: then slot decoding answers
+    engine = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", dtype="float32",
+                        max_new_tokens=200)
+    conv = encode_conversation(tiny_tokenizer, cfg, ["a", "b"])
+    budget = engine.generate_budget(conv)
+    assert budget == len(conv.ids) - conv.prompt_len + GENERATE_MARGIN < 200
+    head.calls = 0
+    res = engine.segment(rgb_image, "a, b", decoding="generate")
+    assert res.decoding == "slots" and "0 slot(s) for 2 expression(s)" in res.note
+    # the prompt step and `budget` generated tokens, then the slot pass (not 200 steps)
+    assert budget + 1 <= head.calls < budget + 1 + 6
+    # the cap never undercuts min_new_tokens (benchmarks force a token count with it)
+    forced = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", dtype="float32",
+                        max_new_tokens=500, min_new_tokens=300)
+    assert forced.generate_budget(conv) == 300

@@ -1,0 +1,114 @@
+"""Training recipe options: curriculum, held-back decoder, parameter groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gsva_ros.data.grefcoco import load_grefcoco
+from gsva_ros.data.synth import generate_dataset
+from gsva_ros.model.config import tiny
+from gsva_ros.model.gsva import GSVAModel
+from gsva_ros.model.tokenizer import build_tiny_tokenizer, token_ids
+from gsva_ros.training import GRESTrainDataset, TrainOptions, group_images, parameter_groups, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "d"
+    generate_dataset(root, n=24, seed=11, max_size=160, expressions_per_image=(4, 8),
+                     progress=False)
+    return load_grefcoco(root, split="train")
+
+
+@pytest.fixture(scope="module")
+def small(data):
+    tok = build_tiny_tokenizer([s.sentence for s in data], vocab_size=300)
+    cfg = tiny(vocab_size=len(tok))
+    for k, v in token_ids(tok).items():
+        setattr(cfg, k, v)
+    cfg.sam_image_size, cfg.sam_depth, cfg.sam_global_attn_indexes = 128, 1, [0]
+    cfg.num_hidden_layers, cfg.vision_num_hidden_layers = 1, 2
+    return cfg, tok
+
+
+def test_single_first_leaves_multi_target_expressions_out(data, small):
+    cfg, tok = small
+    images = group_images(data)
+    assert any(s.case == "multi" for g in images for s in g.samples)
+    ds = GRESTrainDataset(images, tok, cfg, max_slots=8, seed=0)
+    seen = {}
+    for single_only in (True, False):
+        ds.single_only = single_only
+        seen[single_only] = set()
+        for epoch in range(3):
+            ds.epoch = epoch
+            for i, g in enumerate(images):
+                if any(s.case == "single" for s in g.samples):  # others keep every case
+                    seen[single_only] |= {g.samples[j].case for j in ds[i]["picked"]}
+    assert "multi" not in seen[True] and "single" in seen[True]
+    assert "multi" in seen[False]
+
+
+def test_parameter_groups_split_off_prompt_encoder_and_decoder(small):
+    cfg, _ = small
+    model = GSVAModel(cfg)
+    rest, decoder = parameter_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decoder and all(
+        names[id(p)].startswith(("visual_model.mask_decoder.", "visual_model.prompt_encoder."))
+        for p in decoder
+    )
+    assert len(rest) + len(decoder) == len(list(model.parameters()))
+    assert any(names[id(p)].startswith("visual_model.image_encoder.") for p in rest)
+
+
+def test_held_decoder_stays_at_its_initialisation(data, small, tmp_path):
+    cfg, tok = small
+    torch.manual_seed(0)
+    model = GSVAModel(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opts = TrainOptions(steps=3, batch_size=2, lr=1e-3, warmup_steps=0, save_every=100,
+                        decoder_hold_steps=10)
+    train(model, tok, data, tmp_path / "run", opts)
+    from gsva_ros.model.checkpoint import load_checkpoint
+
+    after, _ = load_checkpoint(tmp_path / "run")
+    changed = {n for n, p in after.named_parameters() if not torch.equal(p, before[n])}
+    held = ("visual_model.mask_decoder.", "visual_model.prompt_encoder.")
+    assert not any(n.startswith(held) for n in changed)
+    assert any(n.startswith("text_hidden_fcs.") for n in changed)
+    assert any(n.startswith("visual_model.image_encoder.") for n in changed)
+
+
+def test_summary_text_lists_each_expressions_content_words():
+    import random
+
+    from gsva_ros.training import summary_text
+
+    exprs = ["the small blue star on the left", "all circles"]
+    text = summary_text(exprs, random.Random(3))
+    assert text.startswith("Sure, they are ") and text.endswith(".")
+    body = text[len("Sure, they are ") : -1]
+    first, second = body.split(", ")
+    phrase, words = first.split(": ")
+    assert phrase == exprs[0] and sorted(words.split()) == ["blue", "left", "small", "star"]
+    assert second == "all circles: circles"
+    orders = {summary_text(exprs, random.Random(s)).split(": ")[1] for s in range(20)}
+    assert len(orders) > 1  # the order is random, so ':' must carry the whole bag of words
+
+
+def test_pretrain_language_lowers_its_loss_and_touches_only_the_llm(data, small):
+    from gsva_ros.training import pretrain_language
+
+    cfg, tok = small
+    torch.manual_seed(0)
+    model = GSVAModel(cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = pretrain_language(model, tok, group_images(data), steps=40, lr=3e-3, batch_size=8)
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.6 * losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("llava.model.language_model.") for n in changed)
+    assert any(n.startswith("llava.lm_head.") for n in changed)
+    assert not any(n.startswith(("visual_model.", "text_hidden_fcs.", "llava.model.vision_tower.",
+                                 "llava.model.multi_modal_projector.")) for n in changed)
