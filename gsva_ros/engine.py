@@ -700,7 +700,7 @@ class GSVAEngine:
         if decoding == "generate":
             prompt_ids = conv.ids[: conv.prompt_len]
             gen = generate(m, prompt_ids, p, state, self.generate_budget(conv),
-                           self.min_new_tokens)
+                           self.min_new_tokens, stop_after_slots=len(expressions))
             response = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False).strip()
             slots = gen.slots
             if len(slots) == len(expressions):

@@ -201,7 +201,7 @@ def decode_slots_speculative(
 class Generation:
     token_ids: list[int]  # generated ids, EOS excluded
     slots: list[SlotDecision]
-    finished: bool  # True when EOS was produced before max_new_tokens
+    finished: bool  # True when EOS (or the last expected slot) came before max_new_tokens
 
 
 @torch.inference_mode()
@@ -212,11 +212,15 @@ def generate(
     cache,
     max_new_tokens: int,
     min_new_tokens: int = 0,
+    stop_after_slots: int | None = None,
 ) -> Generation:
     """Greedy generation after the prompt ``ids`` (``cache`` holds ``ids[:start]``).
 
     ``min_new_tokens`` forbids ``</s>`` before that many tokens (benchmarks use it to make
     random-weight runs produce a fixed number of tokens; 0 = plain greedy decoding).
+    ``stop_after_slots``: stop as soon as that many ``[SEG]``/``[REJ]`` tokens are out (every
+    expression has its answer; a small model that keeps talking would otherwise add slots for
+    phrases nobody asked about).
     """
     cfg = model.config
     state = as_state(model, cache)
@@ -233,6 +237,9 @@ def generate(
         if token in (cfg.seg_token_id, cfg.rej_token_id):
             slots.append(_decide(model, logits, last_hidden, token))
         out.append(token)
+        if stop_after_slots is not None and len(slots) >= stop_after_slots >= 1:
+            if len(out) >= min_new_tokens:
+                return Generation(out, slots, True)
         hidden, logits = _step(model, [token], state)
         last_hidden = hidden[-1]
     return Generation(out, slots, False)

@@ -83,7 +83,8 @@ def test_generate_parses_slots_in_order(tiny_model, tiny_tokenizer, scripted, rg
     engine = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", dtype="float32")
     res = engine.segment(rgb_image, "a, b", decoding="generate")
     assert res.decoding == "generate" and res.note == ""
-    assert res.response == "Sure, they are a:[SEG], b:[REJ]."
+    # generation stops at the last expected slot: the closing "." is never computed
+    assert res.response == "Sure, they are a:[SEG], b:[REJ]"
     assert [t.present for t in res.targets] == [True, False]
     assert res.targets[0].mask is not None and res.targets[0].mask.shape == rgb_image.shape[:2]
     assert res.targets[1].mask is None
@@ -137,3 +138,21 @@ def test_engine_cuts_a_looping_generation_after_the_answer_length(
     forced = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", dtype="float32",
                         max_new_tokens=500, min_new_tokens=300)
     assert forced.generate_budget(conv) == 300
+
+
+def test_generate_stops_once_every_expression_has_its_slot(
+    tiny_model, tiny_tokenizer, scripted, rgb_image
+):
+    cfg = tiny_model.config
+    # a talkative model: after the two asked-for slots it invents a third phrase and slot
+    script = _script_tokens(tiny_tokenizer, " Sure, they are a:[SEG], b:[SEG], c:[REJ].")
+    head = scripted(script + [{cfg.eos_token_id: 5.0}])
+    engine = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", dtype="float32")
+    head.calls = 0
+    res = engine.segment(rgb_image, "a, b", decoding="generate")
+    assert res.decoding == "generate" and res.note == ""
+    assert res.response == "Sure, they are a:[SEG], b:[SEG]"
+    assert [t.present for t in res.targets] == [True, True]
+    n_answer = len(tiny_tokenizer(" Sure, they are a:[SEG], b:[SEG]", add_special_tokens=False)
+                   ["input_ids"])
+    assert head.calls == n_answer  # one LLM step per token up to the last slot, no more
