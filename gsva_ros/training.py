@@ -11,6 +11,10 @@
   GSVA does; LoRA is merged before saving. The tiny model trains every weight.
 - ``accelerate`` drives device placement and mixed precision, so ``accelerate launch gsva-ros
   train …`` scales to several GPUs unchanged.
+- For models trained from scratch (``TrainOptions``; all off by default, i.e. GSVA's recipe):
+  slot-token CE weight, a single-target curriculum, a held-back mask decoder, and a text-only
+  warm-up of the language model (:func:`pretrain_language`). The README's "The embedded model"
+  says what each did for the tiny model.
 """
 
 from __future__ import annotations
@@ -216,10 +220,10 @@ def pretrain_language(
     GSVA's mask prompt is the hidden state of the token before ``[SEG]`` (the ``:`` after an
     expression). A pretrained LLaVA already carries the phrase there; a random tiny LLaMA
     carries almost nothing, so the mask decoder learns one mask per image whatever the phrase
-    and the two never meet (measured: a linear probe cannot read the colour word from that
-    state after 3,000 GSVA steps). Here the model reads ``e: w w`` with the expression's
-    content words in random order after the ``:``, so the ``:`` state must hold the whole bag
-    of words to predict the first one. Causal LM loss on every token; CLIP, SAM and
+    and the two never meet (measured: a linear probe reads the colour word from that state
+    barely above chance after 3,000 GSVA steps). Here the model reads ``e: w w`` with the
+    expression's content words in random order after the ``:``, so the ``:`` state must hold
+    the whole bag of words to predict the first one. Causal LM loss on every token; CLIP, SAM and
     ``text_hidden_fcs`` are untouched.
     """
     from tqdm import tqdm
