@@ -228,9 +228,11 @@ def pretrain_language(
     """
     from tqdm import tqdm
 
+    if model.config.lora_r > 0:
+        raise ValueError("the text warm-up is for language models trained from scratch, not for "
+                         "fine-tuning a pretrained GSVA (lora_r > 0)")
     rng = random.Random(seed)
-    lm = model.language_model
-    params = [p for p in list(lm.parameters()) + list(model.lm_head.parameters())]
+    params = [*model.language_model.parameters(), *model.lm_head.parameters()]
     optim = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: lr_lambda(s, max(1, steps // 10), steps)
@@ -253,6 +255,7 @@ def pretrain_language(
             labels[i, 1 : len(r)] = torch.tensor(r[1:])
         mask = (labels != -100).long()
         mask[:, 0] = 1
+        ids, labels, mask = ids.to(model.device), labels.to(model.device), mask.to(model.device)
         hidden, _ = model.run_language(model.embed(ids, None), attention_mask=mask)
         logits = model.lm_head(hidden[:, :-1]).float()
         loss = F.cross_entropy(

@@ -112,3 +112,12 @@ def test_pretrain_language_lowers_its_loss_and_touches_only_the_llm(data, small)
     assert any(n.startswith("llava.lm_head.") for n in changed)
     assert not any(n.startswith(("visual_model.", "text_hidden_fcs.", "llava.model.vision_tower.",
                                  "llava.model.multi_modal_projector.")) for n in changed)
+
+
+def test_pretrain_language_refuses_a_lora_model(small):
+    from gsva_ros.training import pretrain_language
+
+    cfg, tok = small
+    lora = GSVAModel(type(cfg)(**{**cfg.to_dict(), "lora_r": 4}))
+    with pytest.raises(ValueError, match="from scratch"):
+        pretrain_language(lora, tok, [], steps=1, lr=1e-3)
