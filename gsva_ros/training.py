@@ -28,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from gsva_ros.data.grefcoco import group_by_image
 from gsva_ros.model.config import GSVAConfig
-from gsva_ros.model.gsva import GSVAModel
+from gsva_ros.model.gsva import GSVAModel, answer_ce
 from gsva_ros.model.preprocess import clip_preprocess, sam_preprocess
 from gsva_ros.model.prompt import ANSWER_START, encode_conversation
 
@@ -257,10 +256,7 @@ def pretrain_language(
         mask[:, 0] = 1
         ids, labels, mask = ids.to(model.device), labels.to(model.device), mask.to(model.device)
         hidden, _ = model.run_language(model.embed(ids, None), attention_mask=mask)
-        logits = model.lm_head(hidden[:, :-1]).float()
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-        )
+        loss = answer_ce(model.lm_head(hidden[:, :-1]).float(), labels[:, 1:], cfg, 1.0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()

@@ -99,11 +99,10 @@ def run(args: argparse.Namespace) -> int:
     from gsva_ros.model.gsva import GSVAModel
     from gsva_ros.training import TrainOptions, train
 
-    bad = [
-        f"--{k.replace('_', '-')} must be {'> 0' if k == 'slot_weight' else '>= 0'}"
-        for k in ("bce_weight", "dice_weight", "slot_weight")
-        if getattr(args, k) < 0 or (k == "slot_weight" and args.slot_weight == 0)
-    ]
+    weights = (("bce-weight", args.bce_weight), ("dice-weight", args.dice_weight))
+    bad = [f"--{name} must be >= 0" for name, value in weights if value < 0]
+    if args.slot_weight <= 0:
+        bad.append("--slot-weight must be > 0")
     if bad:
         print("error: " + "; ".join(bad))
         return 2

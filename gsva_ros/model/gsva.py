@@ -135,7 +135,7 @@ class TrainOutput:
     dice: torch.Tensor
 
 
-def _answer_ce(
+def answer_ce(
     logits: torch.Tensor, targets: torch.Tensor, cfg: GSVAConfig, slot_weight: float
 ) -> torch.Tensor:
     """B×T×V logits, B×T targets (−100 = ignored) → weighted mean CE.
@@ -293,7 +293,7 @@ class GSVAModel(nn.Module):
         embeds = self.embed(input_ids, image_features)
         hidden, _ = self.run_language(embeds, attention_mask=attention_mask)
         logits = self.lm_head(hidden[:, :-1]).float()
-        ce = _answer_ce(logits, labels[:, 1:], self.config, slot_weight)
+        ce = answer_ce(logits, labels[:, 1:], self.config, slot_weight)
 
         image_embeddings = self.encode_sam(sam_pixels)
         seg_next = input_ids[:, 1:] == self.config.seg_token_id

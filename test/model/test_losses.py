@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gsva_ros.model.config import tiny
-from gsva_ros.model.gsva import _answer_ce
+from gsva_ros.model.gsva import answer_ce
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def _batch(seed: int = 0):
 def test_weight_one_is_the_plain_token_mean(cfg):
     logits, targets = _batch()
     want = F.cross_entropy(logits.reshape(-1, 12), targets.reshape(-1), ignore_index=-100)
-    assert torch.allclose(_answer_ce(logits, targets, cfg, 1.0), want)
+    assert torch.allclose(answer_ce(logits, targets, cfg, 1.0), want)
 
 
 def test_slot_tokens_weigh_more(cfg):
@@ -40,9 +40,9 @@ def test_slot_tokens_weigh_more(cfg):
     plain = (flat != -100) & ~slot
     # 3 slot tokens at weight 4, 5 other answer tokens at weight 1
     want = (4 * per[slot].sum() + per[plain].sum()) / (4 * 3 + 5)
-    got = _answer_ce(logits, targets, cfg, 4.0)
+    got = answer_ce(logits, targets, cfg, 4.0)
     assert torch.allclose(got, want)
-    assert not torch.allclose(got, _answer_ce(logits, targets, cfg, 1.0))
+    assert not torch.allclose(got, answer_ce(logits, targets, cfg, 1.0))
 
 
 def test_gradient_on_a_slot_logit_scales_with_its_weight(cfg):
@@ -50,7 +50,7 @@ def test_gradient_on_a_slot_logit_scales_with_its_weight(cfg):
     grads = []
     for w in (1.0, 5.0):
         x = logits.clone().requires_grad_(True)
-        _answer_ce(x, targets, cfg, w).backward()
+        answer_ce(x, targets, cfg, w).backward()
         grads.append(x.grad)
     # position (0, 2) predicts [SEG]; its share of the loss grows from 1/8 to 5/20 of the mean
     ratio = grads[1][0, 2].norm() / grads[0][0, 2].norm()
