@@ -265,6 +265,14 @@ class _Graphed:
         return len(self._calls)
 
 
+def check_presence_threshold(value: float) -> float:
+    """``value`` as a float, or ValueError unless 0 < value < 1."""
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"presence_threshold must be in (0, 1), got {value!r}")
+    return value
+
+
 class GSVAEngine:
     def __init__(
         self,
@@ -287,6 +295,7 @@ class GSVAEngine:
         max_new_tokens: int | None = None,
         min_new_tokens: int = 0,
         static_capacity: int | None = None,
+        presence_threshold: float | None = None,
     ) -> None:
         """Load the model and set up caches.
 
@@ -301,6 +310,9 @@ class GSVAEngine:
         ``generate``; it also stops ``GENERATE_MARGIN`` tokens after the length of the
         template's answer for the command. ``static_capacity``: positions in the static KV
         cache (default: prefix + 192 text tokens + ``max_new_tokens``).
+        ``presence_threshold``: a target is present when the [SEG] share of the two-way
+        [SEG]/[REJ] softmax reaches it (default: the model config's, 0.5 = GSVA's argmax);
+        the attribute can be changed between calls.
         """
         if decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
@@ -346,6 +358,10 @@ class GSVAEngine:
         self.max_new_tokens = max_new_tokens or self.config.max_new_tokens
         self.min_new_tokens = min_new_tokens
         self.quantize = quantize
+        self.presence_threshold = (
+            self.config.presence_threshold if presence_threshold is None else presence_threshold
+        )
+        check_presence_threshold(self.presence_threshold)
         self.stats = EngineStats()
         self._warnings: list[str] = []  # fallbacks taken by the captured encoders/decoder
         self._frames: OrderedDict[Hashable, FrameFeatures] = OrderedDict()
@@ -696,11 +712,13 @@ class GSVAEngine:
                 decoding: str, passes: dict[str, int]):
         """→ (slots, response text, decoding actually used, note)."""
         m, p = self.model, frame.prefix_len
+        threshold = check_presence_threshold(self.presence_threshold)
         note = ""
         if decoding == "generate":
             prompt_ids = conv.ids[: conv.prompt_len]
             gen = generate(m, prompt_ids, p, state, self.generate_budget(conv),
-                           self.min_new_tokens, stop_after_slots=len(expressions))
+                           self.min_new_tokens, stop_after_slots=len(expressions),
+                           presence_threshold=threshold)
             response = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False).strip()
             slots = gen.slots
             if len(slots) == len(expressions):
@@ -711,7 +729,8 @@ class GSVAEngine:
             )
             state.crop(p)
         decode = decode_slots_speculative if self.slot_decoding == "speculative" else decode_slots
-        slots = decode(m, conv.ids, conv.slot_positions, p, state, stats=passes)
+        slots = decode(m, conv.ids, conv.slot_positions, p, state, stats=passes,
+                       presence_threshold=threshold)
         return slots, answer_text(expressions, [s.present for s in slots]), "slots", note
 
     def generate_budget(self, conv) -> int:

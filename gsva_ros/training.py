@@ -12,8 +12,9 @@
 - ``accelerate`` drives device placement and mixed precision, so ``accelerate launch gsva-ros
   train …`` scales to several GPUs unchanged.
 - For models trained from scratch (``TrainOptions``; all off by default, i.e. GSVA's recipe):
-  slot-token CE weight, a single-target curriculum, a held-back mask decoder, and a text-only
-  warm-up of the language model (:func:`pretrain_language`). The README's "The embedded model"
+  slot-token CE weight, a single-target curriculum, a held-back mask decoder, a text-only
+  warm-up of the language model (:func:`pretrain_language`) and the same text objective kept
+  as an auxiliary loss during training. The README's "The embedded model"
   says what each did for the tiny model.
 """
 
@@ -63,6 +64,10 @@ class TrainOptions:
     # Text-only warm-up of a from-scratch language model (see pretrain_language).
     pretrain_lm_steps: int = 0
     pretrain_lm_lr: float = 1e-3
+    # The same text objective kept during GSVA training, as an auxiliary loss with this weight
+    # on ``aux_lm_rows`` text rows per step (0 = off).
+    aux_lm_weight: float = 0.0
+    aux_lm_rows: int = 12
 
 
 @dataclass
@@ -205,6 +210,41 @@ def summary_text(expressions: list[str], rng: random.Random) -> str:
     return ANSWER_START + ", ".join(parts) + "."
 
 
+def text_batch(
+    images: list[ImageRefs], tokenizer, config: GSVAConfig, rng: random.Random, rows: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows`` summary texts (:func:`summary_text`) of up to 5 expressions of one image each,
+    as (ids, labels, attention mask), every ``[B, L]``; labels are the ids, -100 on padding."""
+    seqs = []
+    for _ in range(rows):
+        g = images[rng.randrange(len(images))]
+        k = rng.randint(1, min(5, len(g.sentences)))
+        text = summary_text(rng.sample(g.sentences, k), rng)
+        seqs.append([config.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"])
+    n = max(len(r) for r in seqs)
+    ids = torch.full((len(seqs), n), config.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), n), -100, dtype=torch.long)
+    for i, r in enumerate(seqs):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, 1 : len(r)] = torch.tensor(r[1:])
+    mask = (labels != -100).long()
+    mask[:, 0] = 1
+    return ids, labels, mask
+
+
+def text_lm_loss(model: GSVAModel, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Causal LM loss of the language model alone (no image) on a :func:`text_batch`."""
+    ids, labels, mask = (t.to(model.device) for t in batch)
+    hidden, _ = model.run_language(model.embed(ids, None), attention_mask=mask)
+    return answer_ce(model.lm_head(hidden[:, :-1]).float(), labels[:, 1:], model.config, 1.0)
+
+
+def _refuse_lora(model: GSVAModel, what: str) -> None:
+    if model.config.lora_r > 0:
+        raise ValueError(f"the {what} is for language models trained from scratch, not for "
+                         "fine-tuning a pretrained GSVA (lora_r > 0)")
+
+
 def pretrain_language(
     model: GSVAModel,
     tokenizer,
@@ -227,36 +267,17 @@ def pretrain_language(
     """
     from tqdm import tqdm
 
-    if model.config.lora_r > 0:
-        raise ValueError("the text warm-up is for language models trained from scratch, not for "
-                         "fine-tuning a pretrained GSVA (lora_r > 0)")
+    _refuse_lora(model, "text warm-up")
     rng = random.Random(seed)
     params = [*model.language_model.parameters(), *model.lm_head.parameters()]
     optim = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: lr_lambda(s, max(1, steps // 10), steps)
     )
-    cfg = model.config
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc="pretrain text", unit="step", dynamic_ncols=True):
-        rows = []
-        for _ in range(batch_size):
-            g = images[rng.randrange(len(images))]
-            k = rng.randint(1, min(5, len(g.sentences)))
-            text = summary_text(rng.sample(g.sentences, k), rng)
-            rows.append([cfg.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"])
-        n = max(len(r) for r in rows)
-        ids = torch.full((len(rows), n), cfg.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), n), -100, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            labels[i, 1 : len(r)] = torch.tensor(r[1:])
-        mask = (labels != -100).long()
-        mask[:, 0] = 1
-        ids, labels, mask = ids.to(model.device), labels.to(model.device), mask.to(model.device)
-        hidden, _ = model.run_language(model.embed(ids, None), attention_mask=mask)
-        loss = answer_ce(model.lm_head(hidden[:, :-1]).float(), labels[:, 1:], cfg, 1.0)
+        loss = text_lm_loss(model, text_batch(images, tokenizer, model.config, rng, batch_size))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
@@ -327,6 +348,9 @@ def train(
         (out / "pretrain_log.jsonl").write_text(
             "".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(pre))
         )
+    if opts.aux_lm_weight > 0:
+        _refuse_lora(model, "auxiliary text loss")
+    aux_rng = random.Random(opts.seed + 1)
     trainable = prepare_trainable(model)
     groups = parameter_groups(trainable)
     params = [p for g in groups for p in g]
@@ -368,7 +392,14 @@ def train(
                     dice_weight=opts.dice_weight,
                     slot_weight=opts.slot_weight,
                 )
-            accelerator.backward(res.loss)
+                loss, aux = res.loss, None
+                if opts.aux_lm_weight > 0:
+                    # Keeps the phrase at the state before [SEG] (see pretrain_language):
+                    # GSVA's loss alone lets it fade once the text warm-up is over.
+                    text = text_batch(images, tokenizer, base.config, aux_rng, opts.aux_lm_rows)
+                    aux = text_lm_loss(base, text)
+                    loss = loss + opts.aux_lm_weight * aux
+            accelerator.backward(loss)
             if opts.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, opts.grad_clip)
             optim.step()
@@ -376,6 +407,9 @@ def train(
             optim.zero_grad(set_to_none=True)
             step += 1
             vals = {k: float(getattr(res, k).detach()) for k in ("loss", "ce", "bce", "dice")}
+            if aux is not None:
+                vals["loss"] = float(loss.detach())
+                vals["aux_lm"] = float(aux.detach())
             running = (
                 vals
                 if running is None

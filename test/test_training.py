@@ -121,3 +121,43 @@ def test_pretrain_language_refuses_a_lora_model(small):
     lora = GSVAModel(type(cfg)(**{**cfg.to_dict(), "lora_r": 4}))
     with pytest.raises(ValueError, match="from scratch"):
         pretrain_language(lora, tok, [], steps=1, lr=1e-3)
+
+
+def test_text_batch_pads_with_ignored_labels(data, small):
+    import random
+
+    from gsva_ros.training import text_batch
+
+    cfg, tok = small
+    ids, labels, mask = text_batch(group_images(data), tok, cfg, random.Random(0), rows=6)
+    assert ids.shape == labels.shape == mask.shape and ids.shape[0] == 6
+    assert (ids[:, 0] == cfg.bos_token_id).all() and (labels[:, 0] == -100).all()
+    real = labels[:, 1:] != -100
+    assert torch.equal(labels[:, 1:][real], ids[:, 1:][real])
+    assert (ids[:, 1:][~real] == cfg.pad_token_id).all()
+    assert torch.equal(mask[:, 1:].bool(), real)
+    assert real.sum(1).min() < real.sum(1).max()  # rows of different length really are padded
+
+
+def test_aux_lm_loss_is_added_with_its_weight_and_logged(data, small, tmp_path):
+    import json
+
+    cfg, tok = small
+    torch.manual_seed(0)
+    opts = TrainOptions(steps=3, batch_size=2, lr=1e-3, warmup_steps=0, save_every=100,
+                        log_every=1, aux_lm_weight=2.5, aux_lm_rows=4)
+    train(GSVAModel(cfg), tok, data, tmp_path / "run", opts)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "loss_log.jsonl").read_text().splitlines()]
+    assert len(recs) == 3
+    for r in recs:
+        assert r["aux_lm"] > 0
+        gsva = r["ce"] + opts.bce_weight * r["bce"] + opts.dice_weight * r["dice"]
+        assert r["loss"] == pytest.approx(gsva + 2.5 * r["aux_lm"], rel=1e-4)
+
+
+def test_aux_lm_loss_refuses_a_lora_model(data, small, tmp_path):
+    cfg, tok = small
+    lora = GSVAModel(type(cfg)(**{**cfg.to_dict(), "lora_r": 4}))
+    opts = TrainOptions(steps=1, batch_size=2, save_every=100, aux_lm_weight=1.0)
+    with pytest.raises(ValueError, match="from scratch"):
+        train(lora, tok, data, tmp_path / "run", opts)

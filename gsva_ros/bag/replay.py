@@ -96,6 +96,7 @@ class ReplayOptions:
     device: str = "auto"
     dtype: str = "auto"
     decoding: str = "slots"
+    presence_threshold: float = 0.0  # 0 → the model's own
     protocol: str = "strict"
     storage: str | None = None  # None → same as the input
     overwrite: bool = False
@@ -503,7 +504,8 @@ def _realtime(bag: BagReader, out: BagWriter, opts: ReplayOptions, copied: set[s
     rclpy.init(args=[], context=context)
     params = {
         "model": str(opts.model), "device": opts.device, "dtype": opts.dtype,
-        "decoding": opts.decoding, "mode": opts.mode, "max_rate_hz": float(opts.max_rate_hz),
+        "decoding": opts.decoding, "presence_threshold": float(opts.presence_threshold),
+        "mode": opts.mode, "max_rate_hz": float(opts.max_rate_hz),
         "max_image_age_s": float(opts.max_image_age_s), "publish_overlay": bool(opts.overlay),
         "use_sim_time": True,
     }
@@ -693,7 +695,8 @@ def replay(bag_path: str | os.PathLike, out_path: str | os.PathLike,
             from gsva_ros.engine import GSVAEngine
 
             engine = GSVAEngine(opts.model, device=opts.device, dtype=opts.dtype,
-                                decoding=opts.decoding)
+                                decoding=opts.decoding,
+                                presence_threshold=opts.presence_threshold or None)
         if engine is not None:
             report.model_name = engine.model_name
         with BagWriter(out_path, storage, opts.overwrite) as out:

@@ -18,6 +18,8 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split to evaluate (default: all refs)")
     p.add_argument("--decoding", choices=["slots", "generate"], default="slots")
     p.add_argument("--protocol", choices=["strict", "lenient"], default="strict")
+    p.add_argument("--presence-threshold", type=float, default=None, metavar="P",
+                   help="[SEG] share needed for 'present' (default: the model's own)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N expressions")
@@ -33,16 +35,22 @@ def run(args: argparse.Namespace) -> int:
     from gsva_ros.evaluation import evaluate
     from gsva_ros.metrics import format_table
 
+    threshold = args.presence_threshold
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        print(f"error: --presence-threshold must be in (0, 1), got {threshold}")
+        return 2
     samples = load_grefcoco(args.data, split=args.split, image_dir=args.images)
     if args.limit > 0:
         samples = samples[: args.limit]
     if not samples:
         print(f"error: no expressions in {args.data} (split {args.split!r})")
         return 2
-    engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding)
+    engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding,
+                        presence_threshold=args.presence_threshold)
     summary, stats = evaluate(engine, samples, args.protocol, args.decoding)
     lat = np.asarray(stats["latency_ms"] or [0.0])
-    print(f"model {engine.model_name} | decoding {args.decoding} | protocol {args.protocol}")
+    print(f"model {engine.model_name} | decoding {args.decoding} | protocol {args.protocol} | "
+          f"presence threshold {engine.presence_threshold:g}")
     print(format_table(summary))
     print(
         f"images {stats['images']}  conversations {stats['conversations']}  "

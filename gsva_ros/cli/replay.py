@@ -30,6 +30,13 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _presence(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 0.999:  # the node parameter's range
+        raise argparse.ArgumentTypeError(f"must be in [0, 0.999], got {text}")
+    return value
+
+
 def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         name,
@@ -62,6 +69,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
                         "default 2)")
     p.add_argument("--overlay", action="store_true", help="also record the rgb8 overlay")
     p.add_argument("--decoding", choices=["slots", "generate"], default="slots")
+    p.add_argument("--presence-threshold", type=_presence, default=0.0, metavar="P",
+                   help="[SEG] share needed for 'present' (0 = the model's own)")
     p.add_argument("--protocol", choices=["strict", "lenient"], default="strict",
                    help="GRES protocol for the metrics (lenient: lockstep only)")
     p.add_argument("--device", default="auto")
@@ -92,6 +101,7 @@ def options_from_args(args: argparse.Namespace) -> object:
         device=args.device,
         dtype=args.dtype,
         decoding=args.decoding,
+        presence_threshold=args.presence_threshold,
         protocol=args.protocol,
         storage=args.storage,
         overwrite=args.overwrite,

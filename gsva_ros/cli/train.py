@@ -67,6 +67,14 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
         help="text-only warm-up of a from-scratch language model before GSVA training",
     )
     p.add_argument("--pretrain-lm-lr", type=float, default=1e-3, help="its learning rate")
+    p.add_argument(
+        "--aux-lm",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="keep the warm-up's text objective during GSVA training with this loss weight",
+    )
+    p.add_argument("--aux-lm-rows", type=int, default=12, help="its text rows per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
@@ -103,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
     bad = [f"--{name} must be >= 0" for name, value in weights if value < 0]
     if args.slot_weight <= 0:
         bad.append("--slot-weight must be > 0")
+    if args.aux_lm < 0:
+        bad.append("--aux-lm must be >= 0")
+    if args.aux_lm_rows < 1:
+        bad.append("--aux-lm-rows must be >= 1")
     if bad:
         print("error: " + "; ".join(bad))
         return 2
@@ -140,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         decoder_hold_scale=args.decoder_hold_scale,
         pretrain_lm_steps=args.pretrain_lm,
         pretrain_lm_lr=args.pretrain_lm_lr,
+        aux_lm_weight=args.aux_lm,
+        aux_lm_rows=args.aux_lm_rows,
     )
     summary = train(model, tokenizer, samples, out, opts, resume=resume)
     final = summary["final"] or {}

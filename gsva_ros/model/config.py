@@ -72,6 +72,10 @@ class GSVAConfig:
 
     # Decoding
     max_new_tokens: int = 128
+    # A slot is [SEG] (target present) when softmax over the [SEG]/[REJ] logits gives [SEG] at
+    # least this. 0.5 is GSVA's own rule (the larger logit wins); a model trained here may
+    # ship a value chosen on held-out data, because its two-way scores are not calibrated.
+    presence_threshold: float = 0.5
 
     @property
     def num_image_tokens(self) -> int:
@@ -104,6 +108,10 @@ class GSVAConfig:
                 raise ValueError(
                     f"GSVA config field {name!r} must be {expected.__name__}, got {value!r:.40}"
                 )
+        threshold = data.get("presence_threshold", 0.5)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"GSVA config field 'presence_threshold' must be in (0, 1), "
+                             f"got {threshold!r}")
         return cls(**data)
 
     def save(self, path: str | Path) -> None:

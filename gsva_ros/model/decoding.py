@@ -2,7 +2,8 @@
 
 ``slots`` (default): constrained slot decoding. The answer skeleton ``Sure, they are e1:·, e2:·.``
 is forced; at each slot the next-token logits choose ``[SEG]`` or ``[REJ]`` (score = softmax of
-those two logits). The hidden state that predicted the slot is the mask embedding (position
+those two logits; ``[SEG]`` when its share reaches ``presence_threshold``, 0.5 = the larger
+logit wins, as GSVA). The hidden state that predicted the slot is the mask embedding (position
 p − 1). Two exact implementations:
 
 - :func:`decode_slots` (reference, incremental): each chunk of forced text up to the next slot
@@ -104,10 +105,21 @@ def _step(model: GSVAModel, ids: list[int], cache) -> tuple[torch.Tensor, torch.
     return hidden, model.lm_head(hidden[-1]).float()
 
 
-def _decide(model: GSVAModel, logits: torch.Tensor, hidden: torch.Tensor, choice: int | None):
+def _decide(
+    model: GSVAModel,
+    logits: torch.Tensor,
+    hidden: torch.Tensor,
+    choice: int | None,
+    threshold: float = 0.5,
+) -> SlotDecision:
     seg, rej = model.config.seg_token_id, model.config.rej_token_id
     two = torch.softmax(torch.stack([logits[seg], logits[rej]]), dim=0)
-    present = bool(two[0] >= two[1]) if choice is None else choice == seg
+    if choice is not None:
+        present = choice == seg
+    elif threshold == 0.5:
+        present = bool(two[0] >= two[1])  # exactly GSVA's rule, no rounding at the boundary
+    else:
+        present = bool(two[0] >= threshold)
     token = seg if present else rej
     return SlotDecision(
         present=present,
@@ -131,6 +143,7 @@ def decode_slots(
     start: int,
     cache,
     stats: dict[str, int] | None = None,
+    presence_threshold: float = 0.5,
 ) -> list[SlotDecision]:
     """Constrained slot decoding of the skeleton ``ids`` (``[SEG]`` at every slot).
 
@@ -144,7 +157,7 @@ def decode_slots(
     for slot in slot_positions:
         hidden, logits = _step(model, pending + ids[pos:slot], state)
         _count(stats, "passes")
-        d = _decide(model, logits, hidden[-1], None)
+        d = _decide(model, logits, hidden[-1], None, presence_threshold)
         decisions.append(d)
         pending = [model.config.seg_token_id if d.present else model.config.rej_token_id]
         pos = slot + 1
@@ -159,6 +172,7 @@ def decode_slots_speculative(
     start: int,
     cache,
     stats: dict[str, int] | None = None,
+    presence_threshold: float = 0.5,
 ) -> list[SlotDecision]:
     """Same contract and results as :func:`decode_slots`, in 1 + (#[REJ] before the last slot)
     forward passes instead of N (see the module docstring for why it is exact).
@@ -183,7 +197,7 @@ def decode_slots_speculative(
         slot_hidden = hidden.index_select(0, rows)  # n_left×H (a copy: hidden may be reused)
         logits = model.lm_head(slot_hidden).float()  # n_left×V, one GEMM for all slots
         for j in range(first, len(slot_positions)):
-            d = _decide(model, logits[j - first], slot_hidden[j - first], None)
+            d = _decide(model, logits[j - first], slot_hidden[j - first], None, presence_threshold)
             decisions.append(d)
             k = j + 1
             if not d.present and k < len(slot_positions):
@@ -213,6 +227,7 @@ def generate(
     max_new_tokens: int,
     min_new_tokens: int = 0,
     stop_after_slots: int | None = None,
+    presence_threshold: float = 0.5,
 ) -> Generation:
     """Greedy generation after the prompt ``ids`` (``cache`` holds ``ids[:start]``).
 
@@ -220,7 +235,8 @@ def generate(
     random-weight runs produce a fixed number of tokens; 0 = plain greedy decoding).
     ``stop_after_slots``: stop as soon as that many ``[SEG]``/``[REJ]`` tokens are out (every
     expression has its answer; a small model that keeps talking would otherwise add slots for
-    phrases nobody asked about).
+    phrases nobody asked about). When greedy picks ``[SEG]`` or ``[REJ]``, the two-way choice
+    between them follows ``presence_threshold``, as in slot decoding.
     """
     cfg = model.config
     state = as_state(model, cache)
@@ -235,7 +251,9 @@ def generate(
         if token == cfg.eos_token_id:
             return Generation(out, slots, True)
         if token in (cfg.seg_token_id, cfg.rej_token_id):
-            slots.append(_decide(model, logits, last_hidden, token))
+            d = _decide(model, logits, last_hidden, None, presence_threshold)
+            token = cfg.seg_token_id if d.present else cfg.rej_token_id
+            slots.append(d)
         out.append(token)
         if stop_after_slots is not None and len(slots) >= stop_after_slots >= 1:
             if len(out) >= min_new_tokens:

@@ -209,6 +209,13 @@ PARAMETERS: dict[str, ParamSpec] = {
         _one_of("sensor_data", "reliable"),
         applied_on_configure=True,
     ),
+    "presence_threshold": _spec(
+        0.0,
+        "A target is present when the [SEG] share of the model's [SEG]/[REJ] choice reaches "
+        "this; higher = fewer false 'present' answers, more missed targets. 0 = the model's "
+        "own value (0.5, GSVA's rule, unless the model ships a calibrated one).",
+        _float_range(0.0, 0.999), number=True,
+    ),
     "instance_split": _spec(
         True, "Split each target's mask into connected objects (label k = object k).",
         _boolean(),
@@ -753,6 +760,8 @@ class GSVANode(LifecycleNode):
             raise _Refused("the model is not loaded")
         # Runtime-tunable settings live on the engine; apply the current values per job.
         engine.instance_split = bool(self._param("instance_split"))
+        threshold = float(self._param("presence_threshold"))
+        engine.presence_threshold = threshold or engine.config.presence_threshold
         engine.min_object_area = int(self._param("min_object_area"))
         engine.max_expressions = int(self._param("max_expressions"))
         engine.max_command_chars = int(self._param("max_command_chars"))

@@ -340,6 +340,23 @@ def test_cli_defaults_mirror_the_node_parameters():
         assert mod.DEFAULT_MODE == PARAMETERS["mode"].default
         assert mod.DEFAULT_MAX_RATE_HZ == PARAMETERS["max_rate_hz"].default
         assert mod.DEFAULT_MAX_IMAGE_AGE_S == PARAMETERS["max_image_age_s"].default
+    assert bag_replay.ReplayOptions().presence_threshold == PARAMETERS["presence_threshold"].default
+
+
+def test_presence_threshold_reaches_the_engine_and_bad_values_exit_2(sample_bag, tiny_model_dir,
+                                                                      tmp_path, capsys):
+    out = tmp_path / "strict"
+    code, stdout, _ = replay_cli(capsys, "--bag", str(sample_bag), "--out", str(out), "--model",
+                                 str(tiny_model_dir), "--presence-threshold", "0.999")
+    assert code == 0, stdout
+    answers = [deserialize(m.raw, Segmentation) for m in read_all(out, [SEG_TOPIC])]
+    targets = [t for a in answers for t in a.targets]
+    assert targets and not any(t.present for t in targets)  # no [SEG] share reaches 0.999
+    with pytest.raises(SystemExit) as info:
+        replay_cli(capsys, "--bag", str(sample_bag), "--out", str(tmp_path / "x"),
+                   "--presence-threshold", "1")
+    assert info.value.code == 2 and not (tmp_path / "x").exists()
+    assert "--presence-threshold: must be in [0, 0.999]" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ realtime replay

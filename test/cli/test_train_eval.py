@@ -66,9 +66,22 @@ def test_eval_cli_json(small_data, small_config, tmp_path, capsys):
         assert list(result)[-1] == "count" and result["count"] > 0
         assert {"giou", "ciou", "n_acc", "t_acc"} <= set(result)
         assert 0.0 <= result["giou"] <= 1.0
+    # a threshold no [SEG] share reaches rejects every expression
+    assert main(["eval", "--data", str(small_data), "--model", str(out),
+                 "--presence-threshold", "0.999999", "--json"]) == 0
+    text = capsys.readouterr().out
+    assert "presence threshold 0.999999" in text
+    result = json.loads(text.strip().splitlines()[-1])
+    assert result["t_acc"] == 0.0 and result["n_acc"] in (1.0, None)
+    assert main(["eval", "--data", str(small_data), "--model", str(out),
+                 "--presence-threshold", "1"]) == 2
+    assert "--presence-threshold must be in (0, 1)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flag,value", [("--slot-weight", "0"), ("--bce-weight", "-1")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--slot-weight", "0"), ("--bce-weight", "-1"), ("--aux-lm", "-0.5"), ("--aux-lm-rows", "0")],
+)
 def test_train_refuses_bad_loss_weights(small_data, tmp_path, capsys, flag, value):
     out = tmp_path / "never"
     assert main(["train", "--data", str(small_data), "--out", str(out), flag, value]) == 2

@@ -156,3 +156,65 @@ def test_generate_stops_once_every_expression_has_its_slot(
     n_answer = len(tiny_tokenizer(" Sure, they are a:[SEG], b:[SEG]", add_special_tokens=False)
                    ["input_ids"])
     assert head.calls == n_answer  # one LLM step per token up to the last slot, no more
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_presence_threshold_moves_the_slot_decision(
+    tiny_model, tiny_tokenizer, scripted, speculative
+):
+    from gsva_ros.model.decoding import decode_slots_speculative
+
+    cfg = tiny_model.config
+    seg, rej = cfg.seg_token_id, cfg.rej_token_id
+    p_seg = [torch.sigmoid(torch.tensor(x)).item() for x in (0.4, 2.0, -0.2)]  # .60 .88 .45
+    conv = encode_conversation(tiny_tokenizer, cfg, ["a", "b", "c"])
+    decode = decode_slots_speculative if speculative else decode_slots
+    chosen = {}
+    for threshold in (0.5, 0.7, 0.9, 0.3):
+        # every forward answers with the same per-slot logits, whatever the pass
+        scripted([{seg: 0.4, rej: 0.0}, {seg: 2.0, rej: 0.0}, {seg: -0.2, rej: 0.0}] * 8)
+        if speculative:  # one pass scores all slots at once: script one row per slot
+            tiny_model.llava.lm_head.forward = _per_row_head(cfg.vocab_size, [0.4, 2.0, -0.2],
+                                                             seg, rej)
+        with torch.inference_mode():
+            cache = _prefill(tiny_model, conv, torch.zeros(1, 256, cfg.hidden_size))
+            dec = decode(tiny_model, conv.ids, conv.slot_positions, conv.prefix_len, cache,
+                         presence_threshold=threshold)
+        chosen[threshold] = [d.present for d in dec]
+        for d, p in zip(dec, p_seg, strict=True):  # the score is the chosen side's share
+            assert d.score == pytest.approx(p if d.present else 1 - p, abs=1e-6)
+    assert chosen[0.5] == [True, True, False]  # GSVA's rule: the larger logit wins
+    assert chosen[0.7] == [False, True, False]
+    assert chosen[0.9] == [False, False, False]
+    assert chosen[0.3] == [True, True, True]
+
+
+def _per_row_head(vocab, seg_logits, seg, rej):
+    """lm_head stand-in for the speculative decoder: each call scores the slots still open,
+    which are always the last ``rows`` ones, so row r is slot ``n - rows + r``."""
+
+    def forward(h):
+        rows = h.reshape(-1, h.shape[-1]).shape[0]
+        out = torch.full((rows, vocab), -10.0)
+        for r in range(rows):
+            out[r, seg], out[r, rej] = seg_logits[len(seg_logits) - rows + r], 0.0
+        return out.reshape(*h.shape[:-1], vocab)
+
+    return forward
+
+
+def test_generate_applies_the_presence_threshold_to_a_slot(tiny_model, tiny_tokenizer, scripted):
+    cfg = tiny_model.config
+    seg, rej = cfg.seg_token_id, cfg.rej_token_id
+    conv = encode_conversation(tiny_tokenizer, cfg, ["a"], with_answer=False)
+    out = {}
+    for threshold in (0.5, 0.8):
+        scripted([{seg: 5.0, rej: 4.0}, {cfg.eos_token_id: 5.0}])  # p(SEG) = 0.73
+        with torch.inference_mode():
+            cache = _prefill(tiny_model, conv, torch.zeros(1, 256, cfg.hidden_size))
+            gen = generate(tiny_model, conv.ids, conv.prefix_len, cache, max_new_tokens=4,
+                           presence_threshold=threshold)
+        out[threshold] = gen
+    assert out[0.5].token_ids == [seg] and out[0.5].slots[0].present
+    # the emitted token follows the decision, so the answer text says [REJ] too
+    assert out[0.8].token_ids == [rej] and not out[0.8].slots[0].present

@@ -108,3 +108,39 @@ def test_failure_drops_caches_and_engine_goes_on(engine, rgb_image, monkeypatch)
     assert engine.cached_frames == 0 and engine.stats.failures == 1
     monkeypatch.undo()
     assert len(engine.segment(rgb_image, "the knife", frame_key=1).targets) == 1
+
+
+def test_presence_threshold_defaults_to_the_model_and_flips_a_decision(
+    tiny_model, tiny_tokenizer, rgb_image
+):
+    engine = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", dtype="float32")
+    assert engine.presence_threshold == tiny_model.config.presence_threshold == 0.5
+    (t,) = engine.segment(rgb_image, "the red circle").targets
+    p_seg = t.score if t.present else 1 - t.score
+    # a threshold on the other side of this target's [SEG] share flips the answer
+    engine.presence_threshold = (p_seg + 1) / 2 if t.present else p_seg / 2
+    (u,) = engine.segment(rgb_image, "the red circle").targets
+    assert u.present != t.present
+    assert (u.score if u.present else 1 - u.score) == pytest.approx(p_seg, abs=1e-5)
+    assert (u.mask is None) == t.present
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.2, 1.5])
+def test_presence_threshold_outside_0_1_is_refused(tiny_model, tiny_tokenizer, rgb_image, bad):
+    with pytest.raises(ValueError, match="presence_threshold"):
+        GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", presence_threshold=bad)
+    engine = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu")
+    engine.presence_threshold = bad
+    with pytest.raises(ValueError, match="presence_threshold"):
+        engine.segment(rgb_image, "the red circle")
+
+
+def test_config_presence_threshold_is_validated_and_optional():
+    from gsva_ros.model.config import GSVAConfig, tiny
+
+    data = tiny().to_dict()
+    assert GSVAConfig.from_dict({**data, "presence_threshold": 0.7}).presence_threshold == 0.7
+    data.pop("presence_threshold")  # configs written before the field existed still load
+    assert GSVAConfig.from_dict(data).presence_threshold == 0.5
+    with pytest.raises(ValueError, match="presence_threshold"):
+        GSVAConfig.from_dict({**data, "presence_threshold": 1.0})

@@ -325,6 +325,8 @@ def test_config_that_does_not_match_the_weights_is_a_short_checkpoint_error(
         ("command_queue_size", 1001, "must be in [1, 1000]"),
         ("max_command_chars", 10_001, "must be in [1, 10000]"),
         ("min_object_area", 2**40, "must be in"),
+        ("presence_threshold", 1.0, "must be in [0.0, 0.999]"),
+        ("presence_threshold", -0.1, "must be in"),
         ("device", "cuda:", "must be auto, cpu, cuda or cuda:N"),
         ("model", "   ", "must be a bundled model name"),
         ("model", "/some/other/model", "applied on configure"),

@@ -403,3 +403,20 @@ def test_runtime_parameter_change_through_the_node_api(h):
     result = h.node.set_parameters([Parameter("mode", value="sometimes")])[0]
     assert not result.successful and "mode" in result.reason
     assert h.node.get_parameter("mode").value == "once"
+
+
+# --------------------------------------------------------------------------- presence threshold
+def test_presence_threshold_parameter_moves_the_decision_and_0_restores_the_model_s(h):
+    h.publish_image()
+    first = h.ask("the red mug").targets[0]
+    p_seg = first.score if first.present else 1.0 - first.score
+    try:
+        h.set_params(presence_threshold=(p_seg + 1) / 2 if first.present else p_seg / 2)
+        flipped = h.ask("the red mug").targets[0]
+        assert flipped.present != first.present
+        h.set_params(presence_threshold=0.0)  # back to the model's own threshold
+        again = h.ask("the red mug").targets[0]
+        assert again.present == first.present
+        assert again.score == pytest.approx(first.score, abs=1e-4)
+    finally:
+        h.set_params(presence_threshold=0.0)
