@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from gsva_ros.data.grefcoco import group_by_image
@@ -68,6 +69,9 @@ class TrainOptions:
     # on ``aux_lm_rows`` text rows per step (0 = off).
     aux_lm_weight: float = 0.0
     aux_lm_rows: int = 12
+    # Phrase objective: a training-only linear head must read the expression's words (multi-hot
+    # over the vocabulary, BCE summed over it, mean over slots) from each slot's mask prompt.
+    phrase_weight: float = 0.0
 
 
 @dataclass
@@ -141,6 +145,9 @@ class GRESTrainDataset(torch.utils.data.Dataset):
             "resized": resized,
             "masks": torch.from_numpy(masks),
             "picked": pick,  # indices into the image's samples, in slot order
+            # each slot's expression as token ids (the phrase objective's targets)
+            "phrases": [self.tokenizer(g.samples[i].sentence, add_special_tokens=False)
+                        ["input_ids"] for i in pick],
         }
 
 
@@ -160,6 +167,7 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         "sam_pixels": torch.stack([b["sam"] for b in batch]),
         "resized_sizes": [b["resized"] for b in batch],
         "gt_masks": [b["masks"] for b in batch],
+        "phrases": [p for b in batch for p in b["phrases"]],  # all slots, batch order
     }
 
 
@@ -287,6 +295,25 @@ def pretrain_language(
     return losses
 
 
+def phrase_loss(
+    head: torch.nn.Linear, prompts: torch.Tensor, phrases: list[list[int]]
+) -> torch.Tensor:
+    """N×D slot prompts, N token-id lists → mean KL divergence between the uniform distribution
+    over each phrase's tokens and ``softmax(head(prompt))`` (0 when the read-out is perfect).
+
+    Why: SAM's decoder only sees this prompt. From scratch, it loses the phrase's words (the
+    colour first) long before the decoder learns to use them, and then the decoder never does;
+    a linear read-out keeps them there (the head is dropped after training).
+    """
+    target = torch.zeros(len(phrases), head.out_features, device=prompts.device)
+    for i, ids in enumerate(phrases):
+        target[i, sorted(set(ids))] = 1.0
+    counts = target.sum(1).clamp(min=1)
+    target = target / counts[:, None]
+    ce = F.cross_entropy(head(prompts.float()), target, reduction="none")
+    return (ce - counts.log()).mean()  # minus the target's entropy: KL, floor 0
+
+
 def parameter_groups(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
     """Trainable parameters as [everything else, SAM prompt encoder + mask decoder].
 
@@ -350,9 +377,16 @@ def train(
         )
     if opts.aux_lm_weight > 0:
         _refuse_lora(model, "auxiliary text loss")
+    if opts.phrase_weight > 0:
+        _refuse_lora(model, "phrase objective")
     aux_rng = random.Random(opts.seed + 1)
     trainable = prepare_trainable(model)
     groups = parameter_groups(trainable)
+    head = None
+    if opts.phrase_weight > 0:  # training-only: never saved with the model
+        head = torch.nn.Linear(model.config.sam_prompt_dim, model.config.vocab_size)
+        head = head.to(model.device)
+        groups[0] = [*groups[0], *head.parameters()]
     params = [p for g in groups for p in g]
     optim = torch.optim.AdamW(
         [{"params": g} for g in groups], lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0
@@ -373,6 +407,8 @@ def train(
         optim.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         step = int(state["step"])
+        if head is not None and "phrase_head" in state:
+            head.load_state_dict(state["phrase_head"])
     log = (out / "loss_log.jsonl").open("a")
     bar = tqdm(total=opts.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     trainable.train()
@@ -385,6 +421,7 @@ def train(
                 break  # curriculum over: start a fresh epoch with every expression
             base = accelerator.unwrap_model(trainable)
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            phrases = batch.pop("phrases")
             with accelerator.autocast():
                 res = base.forward_train(
                     **batch,
@@ -399,6 +436,10 @@ def train(
                     text = text_batch(images, tokenizer, base.config, aux_rng, opts.aux_lm_rows)
                     aux = text_lm_loss(base, text)
                     loss = loss + opts.aux_lm_weight * aux
+                phrase = None
+                if head is not None:
+                    phrase = phrase_loss(head, res.slot_prompts, phrases)
+                    loss = loss + opts.phrase_weight * phrase
             accelerator.backward(loss)
             if opts.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, opts.grad_clip)
@@ -407,9 +448,11 @@ def train(
             optim.zero_grad(set_to_none=True)
             step += 1
             vals = {k: float(getattr(res, k).detach()) for k in ("loss", "ce", "bce", "dice")}
+            vals["loss"] = float(loss.detach())
             if aux is not None:
-                vals["loss"] = float(loss.detach())
                 vals["aux_lm"] = float(aux.detach())
+            if phrase is not None:
+                vals["phrase"] = float(phrase.detach())
             running = (
                 vals
                 if running is None
@@ -428,7 +471,8 @@ def train(
                 log.flush()
             if step % opts.save_every == 0 or step == opts.steps:
                 _save_state(
-                    accelerator, trainable, optim, sched, step, tokenizer, out / "last", opts
+                    accelerator, trainable, optim, sched, step, tokenizer, out / "last", opts,
+                    head,
                 )
             if step >= opts.steps or not math.isfinite(vals["loss"]):
                 break
@@ -442,7 +486,9 @@ def train(
     return {"steps": step, "final": running, "minutes": (time.time() - t0) / 60, "out": str(out)}
 
 
-def _save_state(accelerator, trainable, optim, sched, step, tokenizer, path: Path, opts) -> None:
+def _save_state(
+    accelerator, trainable, optim, sched, step, tokenizer, path: Path, opts, head=None
+) -> None:
     if not accelerator.is_main_process:
         return
     path.mkdir(parents=True, exist_ok=True)
@@ -460,6 +506,8 @@ def _save_state(accelerator, trainable, optim, sched, step, tokenizer, path: Pat
         "sched": sched.state_dict(),
         "step": step,
     }
+    if head is not None:
+        state["phrase_head"] = head.state_dict()
     tmp = path / "train_state.pt.tmp"
     torch.save(state, tmp)
     tmp.replace(path / "train_state.pt")

@@ -161,3 +161,69 @@ def test_aux_lm_loss_refuses_a_lora_model(data, small, tmp_path):
     opts = TrainOptions(steps=1, batch_size=2, save_every=100, aux_lm_weight=1.0)
     with pytest.raises(ValueError, match="from scratch"):
         train(lora, tok, data, tmp_path / "run", opts)
+
+
+def test_phrase_loss_is_zero_for_a_perfect_read_out_and_positive_otherwise():
+    from gsva_ros.training import phrase_loss
+
+    head = torch.nn.Linear(4, 10)
+    phrases = [[1, 3, 3], [7]]  # repeated tokens count once
+    prompts = torch.eye(4)[:2].requires_grad_(True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-30.0)
+        head.weight[[1, 3], 0] = 60.0  # prompt 0 → tokens 1 and 3, equally
+        head.weight[7, 1] = 60.0  # prompt 1 → token 7
+    assert phrase_loss(head, prompts, phrases).item() == pytest.approx(0.0, abs=1e-5)
+    wrong = phrase_loss(head, prompts, [[7], [1, 3]])
+    assert wrong.item() > 10
+    wrong.backward()
+    assert prompts.grad is not None and prompts.grad.abs().sum() > 0  # it trains the prompt
+
+
+def test_slot_prompts_are_the_mask_prompts_of_every_slot(data, small):
+    from gsva_ros.training import collate
+
+    cfg, tok = small
+    torch.manual_seed(0)
+    model = GSVAModel(cfg).eval()
+    ds = GRESTrainDataset(group_images(data), tok, cfg, max_slots=5, seed=0)
+    items = [ds[0], ds[1]]
+    for g, it in zip(ds.images[:2], items, strict=True):  # targets: the picked phrases' tokens
+        assert it["phrases"] == [tok(g.samples[i].sentence, add_special_tokens=False)
+                                 ["input_ids"] for i in it["picked"]]
+    batch = collate(items, cfg.pad_token_id)
+    phrases = batch.pop("phrases")
+    with torch.no_grad():
+        res = model.forward_train(**batch)
+        n = len(items[0]["picked"])
+        assert res.slot_prompts.shape == (len(phrases), cfg.sam_prompt_dim)
+        ids = batch["input_ids"][0]
+        feats = model.encode_clip(batch["clip_pixels"][:1])
+        hidden, _ = model.run_language(model.embed(ids[None], feats))
+        slot = (ids[1:] == cfg.seg_token_id) | (ids[1:] == cfg.rej_token_id)
+        expected = model.project_hidden(hidden[0, :-1][slot])
+    assert expected.shape[0] == n
+    assert torch.allclose(res.slot_prompts[:n], expected, atol=1e-4)
+
+
+def test_phrase_objective_is_added_logged_and_never_saved_with_the_model(data, small, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg, tok = small
+    torch.manual_seed(0)
+    opts = TrainOptions(steps=2, batch_size=2, lr=1e-3, warmup_steps=0, save_every=1,
+                        log_every=1, phrase_weight=0.5)
+    model = GSVAModel(cfg)
+    train(model, tok, data, tmp_path / "run", opts)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "loss_log.jsonl").read_text().splitlines()]
+    for r in recs:
+        assert r["phrase"] > 0
+        gsva = r["ce"] + opts.bce_weight * r["bce"] + opts.dice_weight * r["dice"]
+        assert r["loss"] == pytest.approx(gsva + 0.5 * r["phrase"], rel=1e-4)
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    assert set(saved) == set(model.state_dict())  # the read-out head is training-only
+    state = torch.load(tmp_path / "run" / "last" / "train_state.pt", weights_only=True)
+    assert state["phrase_head"]["weight"].shape == (cfg.vocab_size, cfg.sam_prompt_dim)

@@ -75,6 +75,14 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
         help="keep the warm-up's text objective during GSVA training with this loss weight",
     )
     p.add_argument("--aux-lm-rows", type=int, default=12, help="its text rows per step")
+    p.add_argument(
+        "--phrase-aux",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="loss weight of a training-only read-out of each expression's words from its "
+        "mask prompt (keeps the phrase where SAM's decoder can see it)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
@@ -113,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         bad.append("--slot-weight must be > 0")
     if args.aux_lm < 0:
         bad.append("--aux-lm must be >= 0")
+    if args.phrase_aux < 0:
+        bad.append("--phrase-aux must be >= 0")
     if args.aux_lm_rows < 1:
         bad.append("--aux-lm-rows must be >= 1")
     if bad:
@@ -154,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         pretrain_lm_lr=args.pretrain_lm_lr,
         aux_lm_weight=args.aux_lm,
         aux_lm_rows=args.aux_lm_rows,
+        phrase_weight=args.phrase_aux,
     )
     summary = train(model, tokenizer, samples, out, opts, resume=resume)
     final = summary["final"] or {}

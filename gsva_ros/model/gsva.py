@@ -133,6 +133,9 @@ class TrainOutput:
     ce: torch.Tensor
     bce: torch.Tensor
     dice: torch.Tensor
+    # The mask prompt (text_hidden_fcs output) at every [SEG]/[REJ] slot, N_slots×D in batch
+    # and slot order (with gradient): training-only objectives can read it.
+    slot_prompts: torch.Tensor | None = None
 
 
 def answer_ce(
@@ -301,12 +304,15 @@ class GSVAModel(nn.Module):
         bce = hidden.new_zeros((), dtype=torch.float32)
         dice = hidden.new_zeros((), dtype=torch.float32)
         n_slots = 0
+        all_prompts = []
         for b in range(input_ids.shape[0]):
             is_seg = seg_next[b][slot_next[b]]  # slot order → SEG?
             n_slots += int(is_seg.numel())
+            slot_prompts = self.project_hidden(hidden[b, :-1][slot_next[b]])  # row-wise MLP
+            all_prompts.append(slot_prompts)
             if not bool(is_seg.any()):
                 continue
-            prompts = self.project_hidden(hidden[b, :-1][seg_next[b]])
+            prompts = slot_prompts[is_seg]
             low_res = self.decode_masks(image_embeddings[b : b + 1], prompts)
             target = gt_masks[b][is_seg].float()
             pred = self.postprocess_masks(low_res, resized_sizes[b], tuple(target.shape[-2:]))
@@ -315,7 +321,10 @@ class GSVAModel(nn.Module):
         n_slots = max(n_slots, 1)
         bce, dice = bce / n_slots, dice / n_slots
         loss = ce_weight * ce + bce_weight * bce + dice_weight * dice
-        return TrainOutput(loss=loss, ce=ce.detach(), bce=bce.detach(), dice=dice.detach())
+        return TrainOutput(
+            loss=loss, ce=ce.detach(), bce=bce.detach(), dice=dice.detach(),
+            slot_prompts=torch.cat(all_prompts),
+        )
 
     # ------------------------------------------------------------------ inference options
     def set_sam_attention(self, mode: str) -> None:
