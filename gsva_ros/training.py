@@ -62,6 +62,8 @@ class TrainOptions:
     # times the learning rate (0 = frozen at their random initialisation).
     decoder_hold_steps: int = 0
     decoder_hold_scale: float = 0.0
+    # After that, their learning rate is ``decoder_lr_scale`` times the rest's.
+    decoder_lr_scale: float = 1.0
     # Text-only warm-up of a from-scratch language model (see pretrain_language).
     pretrain_lm_steps: int = 0
     pretrain_lm_lr: float = 1e-3
@@ -329,6 +331,21 @@ def parameter_groups(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
     return [rest, decoder]
 
 
+def lr_factors(opts: TrainOptions) -> list:
+    """Learning-rate factors per step for the two :func:`parameter_groups`: warm-up and decay
+    for both; the decoder group is held at ``decoder_hold_scale`` for the first
+    ``decoder_hold_steps``, then runs at ``decoder_lr_scale``."""
+
+    def rest(s: int) -> float:
+        return lr_lambda(s, opts.warmup_steps, opts.steps)
+
+    def decoder(s: int) -> float:
+        scale = opts.decoder_hold_scale if s < opts.decoder_hold_steps else opts.decoder_lr_scale
+        return scale * rest(s)
+
+    return [rest, decoder]
+
+
 def unwrap_trained(model) -> GSVAModel:
     """Merge LoRA back into the base weights (no-op for the tiny model)."""
     if hasattr(model, "merge_and_unload"):
@@ -391,14 +408,7 @@ def train(
     optim = torch.optim.AdamW(
         [{"params": g} for g in groups], lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0
     )
-
-    def decoder_lambda(s: int) -> float:
-        hold = opts.decoder_hold_scale if s < opts.decoder_hold_steps else 1.0
-        return hold * lr_lambda(s, opts.warmup_steps, opts.steps)
-
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, [lambda s: lr_lambda(s, opts.warmup_steps, opts.steps), decoder_lambda]
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_factors(opts))
     trainable, optim, loader, sched = accelerator.prepare(trainable, optim, loader, sched)
     step = 0
     if resume and state_file.is_file():

@@ -227,3 +227,18 @@ def test_phrase_objective_is_added_logged_and_never_saved_with_the_model(data, s
     assert set(saved) == set(model.state_dict())  # the read-out head is training-only
     state = torch.load(tmp_path / "run" / "last" / "train_state.pt", weights_only=True)
     assert state["phrase_head"]["weight"].shape == (cfg.vocab_size, cfg.sam_prompt_dim)
+
+
+def test_decoder_lr_scale_applies_after_the_hold():
+    from gsva_ros.training import lr_factors, lr_lambda
+
+    opts = TrainOptions(steps=100, warmup_steps=10, decoder_hold_steps=20,
+                        decoder_hold_scale=0.1, decoder_lr_scale=3.0)
+    rest, decoder = lr_factors(opts)
+    for s in (0, 5, 19):
+        assert decoder(s) == pytest.approx(0.1 * rest(s))
+    for s in (20, 50, 99):
+        assert rest(s) == pytest.approx(lr_lambda(s, 10, 100)) and rest(s) > 0
+        assert decoder(s) == pytest.approx(3.0 * rest(s))
+    plain_rest, plain_decoder = lr_factors(TrainOptions(steps=100, warmup_steps=10))
+    assert all(plain_decoder(s) == plain_rest(s) for s in range(100))  # GSVA: one schedule

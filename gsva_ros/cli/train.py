@@ -60,6 +60,12 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
         help="learning-rate factor for them while held (0 = frozen)",
     )
     p.add_argument(
+        "--decoder-lr-scale",
+        type=float,
+        default=1.0,
+        help="learning-rate factor for SAM's prompt encoder and mask decoder (after any hold)",
+    )
+    p.add_argument(
         "--pretrain-lm",
         type=int,
         default=0,
@@ -121,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         bad.append("--slot-weight must be > 0")
     if args.aux_lm < 0:
         bad.append("--aux-lm must be >= 0")
+    if args.decoder_lr_scale <= 0:
+        bad.append("--decoder-lr-scale must be > 0")
     if args.phrase_aux < 0:
         bad.append("--phrase-aux must be >= 0")
     if args.aux_lm_rows < 1:
@@ -160,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         single_first_steps=args.single_first,
         decoder_hold_steps=args.decoder_hold,
         decoder_hold_scale=args.decoder_hold_scale,
+        decoder_lr_scale=args.decoder_lr_scale,
         pretrain_lm_steps=args.pretrain_lm,
         pretrain_lm_lr=args.pretrain_lm_lr,
         aux_lm_weight=args.aux_lm,
