@@ -9,7 +9,7 @@ lenient = GSVA's released evaluator, which scores forced masks of rejected targe
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -56,3 +56,58 @@ def evaluate(
                 pred = target.binary_mask if target.present else target.forced_mask
                 metrics.add(target.present, pred, ref.load_mask(), ref.case)
     return metrics.summary(), stats
+
+
+def presence_sweep(
+    engine,
+    samples: Iterable[RefSample],
+    thresholds: Sequence[float],
+    protocol: str = "strict",
+    decoding: str | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """GRES metrics of ``engine`` at each presence threshold → one summary per threshold.
+
+    Exact, not a re-scoring of one run: a rejected slot changes the text the later slots are
+    decoded after, so every threshold is decoded for real. Each image is encoded once and its
+    cached frame serves every threshold. The engine's own threshold is restored afterwards.
+    """
+    from tqdm import tqdm
+
+    from gsva_ros.engine import check_presence_threshold
+
+    thresholds = [check_presence_threshold(t) for t in thresholds]
+    if not thresholds:
+        raise ValueError("presence_sweep needs at least one threshold")
+    metrics = [GRESMetrics(protocol) for _ in thresholds]
+    chunk = max(1, engine.max_expressions)
+    saved = engine.presence_threshold
+    groups = group_by_image(samples)
+    try:
+        for image_id, refs in tqdm(groups.items(), desc="calibrate", unit="img",
+                                   disable=not progress):
+            image = np.asarray(Image.open(refs[0].image_path).convert("RGB"))
+            gts = [r.load_mask() for r in refs]
+            for start in range(0, len(refs), chunk):
+                part = refs[start : start + chunk]
+                command = "; ".join(r.sentence.replace(";", " ") for r in part)
+                for threshold, m in zip(thresholds, metrics, strict=True):
+                    engine.presence_threshold = threshold
+                    result = engine.segment(
+                        image, command, frame_key=("calibrate", image_id), decoding=decoding,
+                        masks_for_rejected=protocol == "lenient",
+                    )
+                    for k, (ref, target) in enumerate(zip(part, result.targets, strict=True)):
+                        pred = target.binary_mask if target.present else target.forced_mask
+                        m.add(target.present, pred, gts[start + k], ref.case)
+    finally:
+        engine.presence_threshold = saved
+    return [{"threshold": t, **m.summary()} for t, m in zip(thresholds, metrics, strict=True)]
+
+
+def best_threshold(sweep: list[dict], key: str = "giou") -> dict:
+    """The sweep row with the highest ``key``; ties go to the threshold nearest 0.5 (GSVA's)."""
+    rows = [r for r in sweep if r.get(key) is not None]
+    if not rows:
+        raise ValueError(f"no threshold has a {key} value")
+    return max(rows, key=lambda r: (round(r[key], 12), -abs(r["threshold"] - 0.5)))

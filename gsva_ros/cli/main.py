@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "synth": "synth",
     "train": "train",
     "eval": "evaluate",
+    "calibrate": "calibrate",
     "replay": "replay",
     "make-bag": "make_bag",
     "bench": "bench",
