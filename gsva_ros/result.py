@@ -27,7 +27,9 @@ class Target:
 
     ``present`` is False when the model answered ``[REJ]`` (target absent); then ``mask`` is
     None and ``boxes`` is empty. ``score`` is the confidence of the present/absent decision:
-    the softmax over the ``[SEG]`` and ``[REJ]`` logits, taken for the chosen token (0.5..1).
+    the softmax over the ``[SEG]`` and ``[REJ]`` logits, taken for the chosen token (0.5..1 with
+    GSVA's presence threshold 0.5; with a threshold t, present targets have score ≥ t and
+    absent ones 1 − score < t, so an absent answer can carry less than 0.5).
     ``mask`` is an HxW uint8 label map: 0 = background, k = object k of this phrase (one
     object when instance splitting is off); ``boxes[k-1]`` bounds object k.
     ``forced_mask`` is only filled when the engine is asked for masks of rejected slots too

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gsva_ros.data.synth import Background, ObjectSpec, SceneSpec, render
+from gsva_ros.model.config import GSVAConfig
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "tiny"
 
@@ -54,8 +55,10 @@ def test_shipped_model_answers_through_ros(answer):
     msg, rgb, _ = answer
     phrases = ["the red circle", "the blue square", "the purple star"]
     assert [t.phrase for t in msg.targets] == phrases
+    threshold = GSVAConfig.load(MODEL_DIR / "config.json").presence_threshold
     for t in msg.targets:
-        assert 0.5 <= t.score <= 1.0
+        p_seg = t.score if t.present else 1.0 - t.score
+        assert 0.0 <= t.score <= 1.0 and (p_seg >= threshold) == t.present
         if t.present:
             assert (t.mask.height, t.mask.width, t.mask.encoding) == (*rgb.shape[:2], "mono8")
             labels = np.frombuffer(bytes(t.mask.data), np.uint8)
