@@ -296,6 +296,7 @@ class GSVAEngine:
         min_new_tokens: int = 0,
         static_capacity: int | None = None,
         presence_threshold: float | None = None,
+        reject_empty_masks: bool = True,
     ) -> None:
         """Load the model and set up caches.
 
@@ -312,7 +313,9 @@ class GSVAEngine:
         cache (default: prefix + 192 text tokens + ``max_new_tokens``).
         ``presence_threshold``: a target is present when the [SEG] share of the two-way
         [SEG]/[REJ] softmax reaches it (default: the model config's, 0.5 = GSVA's argmax);
-        the attribute can be changed between calls.
+        the attribute can be changed between calls. ``reject_empty_masks``: a ``[SEG]`` whose
+        mask keeps no object of ``min_object_area`` pixels is reported absent (score = the
+        ``[REJ]`` share) and the result's note says so; False = GSVA's answer as is.
         """
         if decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
@@ -362,6 +365,7 @@ class GSVAEngine:
             self.config.presence_threshold if presence_threshold is None else presence_threshold
         )
         check_presence_threshold(self.presence_threshold)
+        self.reject_empty_masks = reject_empty_masks
         self.stats = EngineStats()
         self._warnings: list[str] = []  # fallbacks taken by the captured encoders/decoder
         self._frames: OrderedDict[Hashable, FrameFeatures] = OrderedDict()
@@ -691,6 +695,14 @@ class GSVAEngine:
         self.stats.slot_passes += passes.get("passes", 0)
         t_masks = self._now()
         targets = self._targets(frame, expressions, slots, masks_for_rejected)
+        emptied = [t.phrase for t, s in zip(targets, slots, strict=True) if s.present
+                   and not t.present]
+        if emptied:
+            said = "; ".join(f"'{p}'" for p in emptied)
+            note = (note + "; " if note else "") + (
+                f"answered [SEG] but no object of at least {self.min_object_area} px in the "
+                f"mask, reported absent: {said}"
+            )
         end = self._now()
         self.stats.commands += 1
         t.update(
@@ -758,7 +770,13 @@ class GSVAEngine:
         for i, (phrase, s) in enumerate(zip(expressions, slots, strict=True)):
             if s.present:
                 labels, boxes = label_objects(masks[i], self.instance_split, self.min_object_area)
-                targets.append(Target(phrase, True, s.score, labels, boxes))
+                if boxes or not self.reject_empty_masks:
+                    targets.append(Target(phrase, True, s.score, labels, boxes))
+                    continue
+                # "Present" with nothing to grasp helps no planner; for a model that follows
+                # the phrase, an empty mask is also evidence that the target is not there.
+                forced = masks[i] if masks_for_rejected else None
+                targets.append(Target(phrase, False, 1.0 - s.score, forced_mask=forced))
             else:
                 targets.append(Target(phrase, False, s.score, forced_mask=masks.get(i)))
         return targets

@@ -50,7 +50,7 @@ def evaluate(
                 masks_for_rejected=protocol == "lenient",
             )
             stats["conversations"] += 1
-            stats["fallbacks"] += int(bool(result.note))
+            stats["fallbacks"] += int(result.decoding != (decoding or engine.decoding))
             stats["latency_ms"].append(result.timings_ms.get("total", 0.0))
             for ref, target in zip(part, result.targets, strict=True):
                 pred = target.binary_mask if target.present else target.forced_mask

@@ -42,6 +42,8 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
                    help="metric to maximise")
     p.add_argument("--decoding", choices=["slots", "generate"], default="slots")
     p.add_argument("--protocol", choices=["strict", "lenient"], default="strict")
+    p.add_argument("--keep-empty-masks", action="store_true",
+                   help="keep a [SEG] whose mask is empty as present (GSVA's answer as is)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N expressions")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if not samples:
         print(f"error: no expressions in {args.data} (split {args.split!r})")
         return 2
-    engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding)
+    engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding,
+                        reject_empty_masks=not args.keep_empty_masks)
     before = engine.config.presence_threshold
     sweep = presence_sweep(engine, samples, args.thresholds, args.protocol, args.decoding)
     best = best_threshold(sweep, args.criterion)

@@ -18,6 +18,8 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split to evaluate (default: all refs)")
     p.add_argument("--decoding", choices=["slots", "generate"], default="slots")
     p.add_argument("--protocol", choices=["strict", "lenient"], default="strict")
+    p.add_argument("--keep-empty-masks", action="store_true",
+                   help="keep a [SEG] whose mask is empty as present (GSVA's answer as is)")
     p.add_argument("--presence-threshold", type=float, default=None, metavar="P",
                    help="[SEG] share needed for 'present' (default: the model's own)")
     p.add_argument("--device", default="auto")
@@ -46,11 +48,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: no expressions in {args.data} (split {args.split!r})")
         return 2
     engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding,
-                        presence_threshold=args.presence_threshold)
+                        presence_threshold=args.presence_threshold,
+                        reject_empty_masks=not args.keep_empty_masks)
     summary, stats = evaluate(engine, samples, args.protocol, args.decoding)
     lat = np.asarray(stats["latency_ms"] or [0.0])
     print(f"model {engine.model_name} | decoding {args.decoding} | protocol {args.protocol} | "
-          f"presence threshold {engine.presence_threshold:g}")
+          f"presence threshold {engine.presence_threshold:g} | empty masks "
+          f"{'rejected' if engine.reject_empty_masks else 'kept'}")
     print(format_table(summary))
     print(
         f"images {stats['images']}  conversations {stats['conversations']}  "

@@ -216,6 +216,12 @@ PARAMETERS: dict[str, ParamSpec] = {
         "own value (0.5, GSVA's rule, unless the model ships a calibrated one).",
         _float_range(0.0, 0.999), number=True,
     ),
+    "reject_empty_masks": _spec(
+        True,
+        "Report a target absent when the model answered [SEG] but its mask keeps no object "
+        "of min_object_area pixels (false = GSVA's answer as is).",
+        _boolean(),
+    ),
     "instance_split": _spec(
         True, "Split each target's mask into connected objects (label k = object k).",
         _boolean(),
@@ -763,6 +769,7 @@ class GSVANode(LifecycleNode):
         threshold = float(self._param("presence_threshold"))
         engine.presence_threshold = threshold or engine.config.presence_threshold
         engine.min_object_area = int(self._param("min_object_area"))
+        engine.reject_empty_masks = bool(self._param("reject_empty_masks"))
         engine.max_expressions = int(self._param("max_expressions"))
         engine.max_command_chars = int(self._param("max_command_chars"))
         return engine.segment(rgb, command, frame_key=key, decoding=self._param("decoding"))

@@ -144,3 +144,34 @@ def test_config_presence_threshold_is_validated_and_optional():
     assert GSVAConfig.from_dict(data).presence_threshold == 0.5
     with pytest.raises(ValueError, match="presence_threshold"):
         GSVAConfig.from_dict({**data, "presence_threshold": 1.0})
+
+
+def test_a_seg_with_an_empty_mask_is_reported_absent_unless_asked_not_to(
+    tiny_model, tiny_tokenizer, rgb_image, monkeypatch
+):
+
+    engine = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", dtype="float32",
+                        presence_threshold=0.01)  # every slot answers [SEG]
+    real = engine._mask_logits
+    first = engine.segment(rgb_image, "the red circle, the knife")
+    p_seg = [t.score for t in first.targets]
+    assert all(t.present for t in first.targets)
+
+    def empty_for_the_knife(hidden, emb):
+        out = real(hidden, emb)
+        out[1] = -10.0  # the second slot's mask decodes to nothing
+        return out
+
+    monkeypatch.setattr(engine, "_mask_logits", empty_for_the_knife)
+    res = engine.segment(rgb_image, "the red circle, the knife")
+    circle, knife = res.targets
+    assert circle.present and circle.score == pytest.approx(p_seg[0], abs=1e-5)
+    assert not knife.present and knife.mask is None and knife.boxes == []
+    assert knife.score == pytest.approx(1.0 - p_seg[1], abs=1e-5)  # the [REJ] share
+    assert "reported absent: 'the knife'" in res.note and res.decoding == "slots"
+    lenient = engine.segment(rgb_image, "the red circle, the knife", masks_for_rejected=True)
+    assert lenient.targets[1].forced_mask is not None and not lenient.targets[1].forced_mask.any()
+
+    engine.reject_empty_masks = False  # GSVA's answer as is: present, but nothing in the mask
+    kept = engine.segment(rgb_image, "the red circle, the knife").targets[1]
+    assert kept.present and kept.boxes == [] and not kept.binary_mask.any()
