@@ -74,6 +74,8 @@ class TrainOptions:
     # Phrase objective: a training-only linear head must read the expression's words (multi-hot
     # over the vocabulary, BCE summed over it, mean over slots) from each slot's mask prompt.
     phrase_weight: float = 0.0
+    # BCE weight of a mask decoded at [REJ] slots against the empty mask (GSVA: none).
+    rej_mask_weight: float = 0.0
 
 
 @dataclass
@@ -438,6 +440,7 @@ def train(
                     bce_weight=opts.bce_weight,
                     dice_weight=opts.dice_weight,
                     slot_weight=opts.slot_weight,
+                    rej_mask_weight=opts.rej_mask_weight,
                 )
                 loss, aux = res.loss, None
                 if opts.aux_lm_weight > 0:

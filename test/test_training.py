@@ -242,3 +242,25 @@ def test_decoder_lr_scale_applies_after_the_hold():
         assert decoder(s) == pytest.approx(3.0 * rest(s))
     plain_rest, plain_decoder = lr_factors(TrainOptions(steps=100, warmup_steps=10))
     assert all(plain_decoder(s) == plain_rest(s) for s in range(100))  # GSVA: one schedule
+
+
+def test_rej_mask_weight_adds_a_bce_on_rejected_slots_only(data, small):
+    from gsva_ros.training import collate
+
+    cfg, tok = small
+    torch.manual_seed(0)
+    model = GSVAModel(cfg).eval()
+    ds = GRESTrainDataset(group_images(data), tok, cfg, max_slots=5, seed=0)
+    items = [ds[i] for i in range(len(ds))]
+    with_rej = [it for it in items if any(not m.any() for m in it["masks"])][:2]
+    assert with_rej, "fixture data should hold conversations with absent targets"
+    batch = collate(with_rej, cfg.pad_token_id)
+    batch.pop("phrases")
+    with torch.no_grad():
+        out = {w: model.forward_train(**batch, rej_mask_weight=w) for w in (0.0, 1.0, 2.0)}
+    assert out[1.0].bce > out[0.0].bce
+    assert (out[2.0].bce - out[0.0].bce) == pytest.approx(2 * (out[1.0].bce - out[0.0].bce),
+                                                         rel=1e-4)
+    for w in (1.0, 2.0):  # the [SEG] masks and the text are scored exactly as before
+        assert out[w].dice == pytest.approx(out[0.0].dice, rel=1e-6)
+        assert out[w].ce == pytest.approx(out[0.0].ce, rel=1e-6)

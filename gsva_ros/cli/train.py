@@ -82,6 +82,14 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--aux-lm-rows", type=int, default=12, help="its text rows per step")
     p.add_argument(
+        "--rej-mask-weight",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="also decode a mask at [REJ] slots and push it to empty with this BCE weight "
+        "(GSVA: 0)",
+    )
+    p.add_argument(
         "--phrase-aux",
         type=float,
         default=0.0,
@@ -129,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
         bad.append("--aux-lm must be >= 0")
     if args.decoder_lr_scale <= 0:
         bad.append("--decoder-lr-scale must be > 0")
+    if args.rej_mask_weight < 0:
+        bad.append("--rej-mask-weight must be >= 0")
     if args.phrase_aux < 0:
         bad.append("--phrase-aux must be >= 0")
     if args.aux_lm_rows < 1:
@@ -174,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         aux_lm_weight=args.aux_lm,
         aux_lm_rows=args.aux_lm_rows,
         phrase_weight=args.phrase_aux,
+        rej_mask_weight=args.rej_mask_weight,
     )
     summary = train(model, tokenizer, samples, out, opts, resume=resume)
     final = summary["final"] or {}

@@ -282,6 +282,7 @@ class GSVAModel(nn.Module):
         bce_weight: float = 2.0,
         dice_weight: float = 0.5,
         slot_weight: float = 1.0,
+        rej_mask_weight: float = 0.0,
     ) -> TrainOutput:
         """Teacher-forced GSVA loss (§4): CE on answer tokens + 2·BCE + 0.5·DICE on masks.
 
@@ -289,6 +290,8 @@ class GSVAModel(nn.Module):
         all-zero, produce no prediction and only count in the mask-loss normaliser, as GSVA.
         ``slot_weight`` scales the CE of the ``[SEG]``/``[REJ]`` answer tokens (1.0 = GSVA's
         plain token mean); the CE stays a weighted mean over answer tokens.
+        ``rej_mask_weight`` > 0 also decodes a mask at each ``[REJ]`` slot and adds that
+        weight times its BCE against the empty mask (GSVA: 0, no mask for absent targets).
         """
         from gsva_ros.model.losses import dice_loss, sigmoid_bce_loss
 
@@ -310,14 +313,18 @@ class GSVAModel(nn.Module):
             n_slots += int(is_seg.numel())
             slot_prompts = self.project_hidden(hidden[b, :-1][slot_next[b]])  # row-wise MLP
             all_prompts.append(slot_prompts)
-            if not bool(is_seg.any()):
+            with_rej = rej_mask_weight > 0 and not bool(is_seg.all())
+            if not bool(is_seg.any()) and not with_rej:
                 continue
-            prompts = slot_prompts[is_seg]
-            low_res = self.decode_masks(image_embeddings[b : b + 1], prompts)
-            target = gt_masks[b][is_seg].float()
+            decode = torch.ones_like(is_seg) if with_rej else is_seg
+            low_res = self.decode_masks(image_embeddings[b : b + 1], slot_prompts[decode])
+            target = gt_masks[b][decode].float()
             pred = self.postprocess_masks(low_res, resized_sizes[b], tuple(target.shape[-2:]))
-            bce = bce + sigmoid_bce_loss(pred, target).sum()
-            dice = dice + dice_loss(pred, target).sum()
+            seg = is_seg[decode]
+            bce = bce + sigmoid_bce_loss(pred[seg], target[seg]).sum()
+            dice = dice + dice_loss(pred[seg], target[seg]).sum()
+            if with_rej:  # absent targets: the decoder should find nothing
+                bce = bce + rej_mask_weight * sigmoid_bce_loss(pred[~seg], target[~seg]).sum()
         n_slots = max(n_slots, 1)
         bce, dice = bce / n_slots, dice / n_slots
         loss = ce_weight * ce + bce_weight * bce + dice_weight * dice
