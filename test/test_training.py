@@ -257,7 +257,9 @@ def test_rej_mask_weight_adds_a_bce_on_rejected_slots_only(data, small):
     batch = collate(with_rej, cfg.pad_token_id)
     batch.pop("phrases")
     with torch.no_grad():
-        out = {w: model.forward_train(**batch, rej_mask_weight=w) for w in (0.0, 1.0, 2.0)}
+        res = {w: model.forward_train(**batch, rej_mask_weight=w) for w in (0.0, 1.0, 2.0)}
+    out = {w: type("R", (), {k: float(getattr(r, k)) for k in ("ce", "bce", "dice")})
+           for w, r in res.items()}
     assert out[1.0].bce > out[0.0].bce
     assert (out[2.0].bce - out[0.0].bce) == pytest.approx(2 * (out[1.0].bce - out[0.0].bce),
                                                          rel=1e-4)
