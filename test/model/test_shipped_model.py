@@ -44,9 +44,12 @@ def test_tiny_is_the_shipped_default(engine):
 
 def test_shipped_model_regression_floor(fresh_summary):
     s = fresh_summary
-    assert s["giou"] >= 0.30 and s["ciou"] >= 0.30, s
-    assert s["t_acc"] >= 0.85, s
-    assert s["per_case"]["multi"]["giou"] >= 0.45, s
+    # measured for the shipped model on this split: gIoU 0.60, cIoU 0.60, N-acc 0.54, T-acc
+    # 0.96, single 0.52, multi 0.79 (103 expressions, so the floors leave room for noise)
+    assert s["giou"] >= 0.45 and s["ciou"] >= 0.45, s
+    assert s["t_acc"] >= 0.85 and s["n_acc"] >= 0.30, s
+    assert s["per_case"]["single"]["giou"] >= 0.35, s
+    assert s["per_case"]["multi"]["giou"] >= 0.55, s
 
 
 @pytest.mark.xfail(strict=True, reason="the shipped tiny model is below the issue's targets "
