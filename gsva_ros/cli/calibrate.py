@@ -54,16 +54,13 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gsva_ros.data.grefcoco import load_grefcoco
+    from gsva_ros.cli.evaluate import load_samples
     from gsva_ros.engine import GSVAEngine, resolve_model_dir
     from gsva_ros.evaluation import best_threshold, presence_sweep
     from gsva_ros.model.config import GSVAConfig
 
-    samples = load_grefcoco(args.data, split=args.split, image_dir=args.images)
-    if args.limit > 0:
-        samples = samples[: args.limit]
+    samples = load_samples(args)
     if not samples:
-        print(f"error: no expressions in {args.data} (split {args.split!r})")
         return 2
     engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding,
                         reject_empty_masks=not args.keep_empty_masks)

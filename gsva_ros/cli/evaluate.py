@@ -29,10 +29,21 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     return p
 
 
+def load_samples(args: argparse.Namespace) -> list:
+    """The expressions ``--data/--images/--split/--limit`` select (printed error when none)."""
+    from gsva_ros.data.grefcoco import load_grefcoco
+
+    samples = load_grefcoco(args.data, split=args.split, image_dir=args.images)
+    if args.limit > 0:
+        samples = samples[: args.limit]
+    if not samples:
+        print(f"error: no expressions in {args.data} (split {args.split!r})")
+    return samples
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from gsva_ros.data.grefcoco import load_grefcoco
     from gsva_ros.engine import GSVAEngine
     from gsva_ros.evaluation import evaluate
     from gsva_ros.metrics import format_table
@@ -41,11 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if threshold is not None and not 0.0 < threshold < 1.0:
         print(f"error: --presence-threshold must be in (0, 1), got {threshold}")
         return 2
-    samples = load_grefcoco(args.data, split=args.split, image_dir=args.images)
-    if args.limit > 0:
-        samples = samples[: args.limit]
+    samples = load_samples(args)
     if not samples:
-        print(f"error: no expressions in {args.data} (split {args.split!r})")
         return 2
     engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding,
                         presence_threshold=args.presence_threshold,
