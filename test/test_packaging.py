@@ -28,6 +28,7 @@ EXPECTED_FIELDS = {
         "targets": "sequence<gsva_ros/Target>",
         "error": "string",
         "latency_ms": "float",
+        "note": "string",
     },
     ("srv", "Segment.Request"): {"image": "sensor_msgs/Image", "command": "string"},
     ("srv", "Segment.Response"): {"result": "gsva_ros/Segmentation"},

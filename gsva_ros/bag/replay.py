@@ -97,6 +97,7 @@ class ReplayOptions:
     dtype: str = "auto"
     decoding: str = "slots"
     presence_threshold: float = 0.0  # 0 → the model's own
+    reject_empty_masks: bool = True  # an empty [SEG] mask → absent (node parameter)
     protocol: str = "strict"
     storage: str | None = None  # None → same as the input
     overwrite: bool = False
@@ -505,6 +506,7 @@ def _realtime(bag: BagReader, out: BagWriter, opts: ReplayOptions, copied: set[s
     params = {
         "model": str(opts.model), "device": opts.device, "dtype": opts.dtype,
         "decoding": opts.decoding, "presence_threshold": float(opts.presence_threshold),
+        "reject_empty_masks": bool(opts.reject_empty_masks),
         "mode": opts.mode, "max_rate_hz": float(opts.max_rate_hz),
         "max_image_age_s": float(opts.max_image_age_s), "publish_overlay": bool(opts.overlay),
         "use_sim_time": True,
@@ -696,7 +698,8 @@ def replay(bag_path: str | os.PathLike, out_path: str | os.PathLike,
 
             engine = GSVAEngine(opts.model, device=opts.device, dtype=opts.dtype,
                                 decoding=opts.decoding,
-                                presence_threshold=opts.presence_threshold or None)
+                                presence_threshold=opts.presence_threshold or None,
+                                reject_empty_masks=opts.reject_empty_masks)
         if engine is not None:
             report.model_name = engine.model_name
         with BagWriter(out_path, storage, opts.overwrite) as out:

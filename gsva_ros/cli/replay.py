@@ -71,6 +71,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     p.add_argument("--decoding", choices=["slots", "generate"], default="slots")
     p.add_argument("--presence-threshold", type=_presence, default=0.0, metavar="P",
                    help="[SEG] share needed for 'present' (0 = the model's own)")
+    p.add_argument("--keep-empty-masks", action="store_true",
+                   help="node parameter reject_empty_masks=false: keep a [SEG] whose mask "
+                        "found no object as present (GSVA's answer as is)")
     p.add_argument("--protocol", choices=["strict", "lenient"], default="strict",
                    help="GRES protocol for the metrics (lenient: lockstep only)")
     p.add_argument("--device", default="auto")
@@ -102,6 +105,7 @@ def options_from_args(args: argparse.Namespace) -> object:
         dtype=args.dtype,
         decoding=args.decoding,
         presence_threshold=args.presence_threshold,
+        reject_empty_masks=not args.keep_empty_masks,
         protocol=args.protocol,
         storage=args.storage,
         overwrite=args.overwrite,

@@ -191,7 +191,8 @@ def result_to_msg(
     """Engine result (or None on error) → ``gsva_ros/msg/Segmentation``.
 
     Targets keep command order; an absent target has ``present=False``, a 0×0 mask and no
-    objects. Each mask carries the source image header so it can be used on its own.
+    objects. Each mask carries the source image header so it can be used on its own. The
+    engine's ``note`` (why its answer differs from the model's plain one) travels as ``note``.
     """
     msg = Segmentation()
     if header is not None:
@@ -201,6 +202,7 @@ def result_to_msg(
     msg.latency_ms = float(latency_ms) if math.isfinite(latency_ms) else 0.0
     if result is not None:
         msg.response = result.response
+        msg.note = result.note
         msg.targets = [_target_to_msg(t, msg.header) for t in result.targets]
     return msg
 

@@ -713,6 +713,8 @@ class GSVANode(LifecycleNode):
             if self._engine is not None:
                 self._engine.clear_cache()
             return self._error_msg(job, f"model failure: {type(exc).__name__}: {exc}", header)
+        if result.note:  # the answer differs from the model's plain one; the msg says why too
+            self.get_logger().info(f"command {_short(job.command)}: {result.note}")
         if self._wants_overlay():
             self._publish_overlay(rgb, result, header)
         return result_to_msg(result, header, job.command, "", _ms_since(job.received))

@@ -359,6 +359,35 @@ def test_presence_threshold_reaches_the_engine_and_bad_values_exit_2(sample_bag,
     assert "--presence-threshold: must be in [0, 0.999]" in capsys.readouterr().err
 
 
+@pytest.fixture
+def masks_find_nothing(monkeypatch):
+    """Every mask the model decodes is empty (lockstep and realtime run in this process)."""
+    from gsva_ros.model.gsva import GSVAModel
+
+    real = GSVAModel.decode_masks
+
+    def nothing(self, *args, **kwargs):
+        return real(self, *args, **kwargs) * 0.0 - 10.0
+
+    monkeypatch.setattr(GSVAModel, "decode_masks", nothing)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_empty_masks_reaches_the_engine(sample_bag, tiny_model_dir, tmp_path, capsys,
+                                             masks_find_nothing, keep):
+    out = tmp_path / "o"
+    flags = ["--presence-threshold", "0.001"] + (["--keep-empty-masks"] if keep else [])
+    code, stdout, _ = replay_cli(capsys, "--bag", str(sample_bag), "--out", str(out), "--model",
+                                 str(tiny_model_dir), *flags)
+    assert code == 0, stdout
+    answers = [deserialize(m.raw, Segmentation) for m in read_all(out, [SEG_TOPIC])]
+    answered = [a for a in answers if not a.error]
+    assert answered and all(a.targets for a in answered)
+    for a in answered:  # every slot answered [SEG] (threshold 0.001), every mask is empty
+        assert all(t.present == keep for t in a.targets)
+        assert (a.note == "") == keep and (keep or "reported absent" in a.note)
+
+
 # ------------------------------------------------------------------------------ realtime replay
 def test_realtime_replay_through_the_real_node(sample_plan, sample_bag, tiny_model_dir,
                                                tmp_path, capsys):
@@ -384,3 +413,18 @@ def test_realtime_replay_through_the_real_node(sample_plan, sample_bag, tiny_mod
         assert stamp_ns(msg.header) in frame_stamps
         assert stamp_ns(msg.header) >= sample_plan.frame_stamp(cmd.frame)
         assert ts >= cmd.stamp_ns
+
+
+def test_realtime_replay_passes_presence_threshold_and_keep_empty_masks_to_the_node(
+    sample_bag, tiny_model_dir, tmp_path, capsys, masks_find_nothing
+):
+    out = tmp_path / "rt"
+    code, stdout, stderr = replay_cli(capsys, "--bag", str(sample_bag), "--out", str(out),
+                                      "--model", str(tiny_model_dir), "--realtime",
+                                      "--presence-threshold", "0.001", "--keep-empty-masks")
+    assert code == 0, stdout + stderr[-3000:]
+    answers = [deserialize(m.raw, Segmentation) for m in read_all(out, [SEG_TOPIC])]
+    targets = [t for a in answers if not a.error for t in a.targets]
+    # Only both parameters together make every target present with an empty mask.
+    assert targets and all(t.present and not any(t.mask.data) for t in targets)
+    assert all(a.note == "" for a in answers)

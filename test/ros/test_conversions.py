@@ -229,6 +229,7 @@ def make_result() -> SegmentationResult:
         ],
         image_size=(5, 7),
         decoding="slots",
+        note="the ghost: [SEG] mask kept no object, reported absent",
     )
 
 
@@ -240,6 +241,7 @@ def test_result_to_msg_keeps_header_order_and_marks_absent_targets():
     assert msg.command == "the mug and the ghost" and msg.error == ""
     assert msg.response.startswith("Sure")
     assert msg.latency_ms == pytest.approx(12.5)
+    assert msg.note == "the ghost: [SEG] mask kept no object, reported absent"
     mug, ghost = msg.targets
     assert (mug.phrase, mug.present) == ("the mug", True)
     assert mug.score == pytest.approx(0.93)
@@ -255,6 +257,7 @@ def test_result_to_msg_keeps_header_order_and_marks_absent_targets():
 def test_result_to_msg_for_errors_has_no_targets():
     msg = result_to_msg(None, None, "the cup", "no image received on /image yet", float("nan"))
     assert msg.targets == [] and msg.response == "" and msg.error.startswith("no image")
+    assert msg.note == ""
     assert msg.latency_ms == 0.0 and msg.header.frame_id == ""
 
 

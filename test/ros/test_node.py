@@ -420,3 +420,28 @@ def test_presence_threshold_parameter_moves_the_decision_and_0_restores_the_mode
         assert again.score == pytest.approx(first.score, abs=1e-4)
     finally:
         h.set_params(presence_threshold=0.0)
+
+
+def test_an_empty_seg_mask_is_published_absent_with_a_note_unless_reject_empty_masks_is_off(
+    h, monkeypatch
+):
+    engine = h.node._engine
+    real = engine._mask_logits
+
+    def nothing_found(hidden, emb):
+        return real(hidden, emb) * 0.0 - 10.0  # every slot's mask decodes to nothing
+
+    monkeypatch.setattr(engine, "_mask_logits", nothing_found)
+    h.publish_image()
+    try:
+        h.set_params(presence_threshold=0.001)  # every slot answers [SEG]
+        answer = h.ask("the red mug, the spoon")
+        assert answer.error == "" and "[SEG]" in answer.response
+        assert [t.present for t in answer.targets] == [False, False]
+        assert "reported absent" in answer.note and "'the spoon'" in answer.note
+        h.set_params(reject_empty_masks=False)  # GSVA's answer as is
+        kept = h.ask("the red mug, the spoon")
+        assert [t.present for t in kept.targets] == [True, True] and kept.note == ""
+        assert all(len(t.objects) == 0 and not any(t.mask.data) for t in kept.targets)
+    finally:
+        h.set_params(presence_threshold=0.0, reject_empty_masks=True)
