@@ -187,7 +187,8 @@ class GRESMetrics:
         return out
 
 
-def _pct(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """A 0..1 metric as a percent string with two decimals; ``-`` when not defined."""
     return "-" if value is None else f"{100.0 * value:.2f}"
 
 
@@ -200,10 +201,10 @@ def format_table(summary: dict[str, Any]) -> str:
         (
             name,
             str(s.get("count", 0)),
-            _pct(s.get("giou")),
-            _pct(s.get("ciou")),
-            _pct(s.get("n_acc")),
-            _pct(s.get("t_acc")),
+            percent(s.get("giou")),
+            percent(s.get("ciou")),
+            percent(s.get("n_acc")),
+            percent(s.get("t_acc")),
         )
         for name, s in rows
     ]

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from gsva_ros.cli.evaluate import load_samples
     from gsva_ros.engine import GSVAEngine, resolve_model_dir
     from gsva_ros.evaluation import best_threshold, presence_sweep
+    from gsva_ros.metrics import percent as pct
     from gsva_ros.model.config import GSVAConfig
 
     samples = load_samples(args)
@@ -67,9 +68,6 @@ def run(args: argparse.Namespace) -> int:
     before = engine.config.presence_threshold
     sweep = presence_sweep(engine, samples, args.thresholds, args.protocol, args.decoding)
     best = best_threshold(sweep, args.criterion)
-
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{100 * v:.2f}"
 
     print(f"model {engine.model_name} | {len(samples)} expressions | decoding {args.decoding} | "
           f"protocol {args.protocol} | current threshold {before:g}")
