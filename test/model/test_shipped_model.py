@@ -44,11 +44,11 @@ def test_tiny_is_the_shipped_default(engine):
 
 def test_shipped_model_regression_floor(fresh_summary):
     s = fresh_summary
-    # measured for the shipped model on this split: gIoU 0.60, cIoU 0.60, N-acc 0.54, T-acc
-    # 0.96, single 0.52, multi 0.79 (103 expressions, so the floors leave room for noise)
-    assert s["giou"] >= 0.45 and s["ciou"] >= 0.45, s
-    assert s["t_acc"] >= 0.85 and s["n_acc"] >= 0.30, s
-    assert s["per_case"]["single"]["giou"] >= 0.35, s
+    # measured for the shipped model on this split: gIoU 0.65, cIoU 0.64, N-acc 0.67, T-acc
+    # 0.96, single 0.58, multi 0.76 (103 expressions, so the floors leave room for noise)
+    assert s["giou"] >= 0.50 and s["ciou"] >= 0.50, s
+    assert s["t_acc"] >= 0.85 and s["n_acc"] >= 0.40, s
+    assert s["per_case"]["single"]["giou"] >= 0.40, s
     assert s["per_case"]["multi"]["giou"] >= 0.55, s
 
 
