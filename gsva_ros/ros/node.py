@@ -714,7 +714,9 @@ class GSVANode(LifecycleNode):
                 self._engine.clear_cache()
             return self._error_msg(job, f"model failure: {type(exc).__name__}: {exc}", header)
         if result.note:  # the answer differs from the model's plain one; the msg says why too
-            self.get_logger().info(f"command {_short(job.command)}: {result.note}")
+            # throttled: in continuous mode the same note would repeat for every frame
+            self.get_logger().info(f"command {_short(job.command)}: {result.note}",
+                                   throttle_duration_sec=5.0)
         if self._wants_overlay():
             self._publish_overlay(rgb, result, header)
         return result_to_msg(result, header, job.command, "", _ms_since(job.received))
