@@ -18,6 +18,25 @@ from gsva_ros.data.grefcoco import RefSample, group_by_image
 from gsva_ros.metrics import GRESMetrics
 
 
+def _conversations(engine, samples: Iterable[RefSample], desc: str, progress: bool):
+    """→ (image id, RGB image, refs, command) per conversation, each image decoded once."""
+    from tqdm import tqdm
+
+    chunk = max(1, engine.max_expressions)
+    groups = group_by_image(samples)
+    for image_id, refs in tqdm(groups.items(), desc=desc, unit="img", disable=not progress):
+        image = np.asarray(Image.open(refs[0].image_path).convert("RGB"))
+        for start in range(0, len(refs), chunk):
+            part = refs[start : start + chunk]
+            yield image_id, image, part, "; ".join(r.sentence.replace(";", " ") for r in part)
+
+
+def _add(metrics: GRESMetrics, refs: list[RefSample], gts: list, result) -> None:
+    for ref, gt, target in zip(refs, gts, result.targets, strict=True):
+        pred = target.binary_mask if target.present else target.forced_mask
+        metrics.add(target.present, pred, gt, ref.case)
+
+
 def evaluate(
     engine,
     samples: Iterable[RefSample],
@@ -30,31 +49,23 @@ def evaluate(
     Run statistics: ``images``, ``conversations``, ``fallbacks`` (generate → slots),
     ``latency_ms`` (list of per-conversation totals).
     """
-    from tqdm import tqdm
-
     metrics = GRESMetrics(protocol)
-    groups = group_by_image(samples)
     stats = {"images": 0, "conversations": 0, "fallbacks": 0, "latency_ms": []}
-    chunk = max(1, engine.max_expressions)
-    for image_id, refs in tqdm(groups.items(), desc="eval", unit="img", disable=not progress):
-        image = np.asarray(Image.open(refs[0].image_path).convert("RGB"))
-        stats["images"] += 1
-        for start in range(0, len(refs), chunk):
-            part = refs[start : start + chunk]
-            command = "; ".join(r.sentence.replace(";", " ") for r in part)
-            result = engine.segment(
-                image,
-                command,
-                frame_key=("eval", image_id),
-                decoding=decoding,
-                masks_for_rejected=protocol == "lenient",
-            )
-            stats["conversations"] += 1
-            stats["fallbacks"] += int(result.decoding != (decoding or engine.decoding))
-            stats["latency_ms"].append(result.timings_ms.get("total", 0.0))
-            for ref, target in zip(part, result.targets, strict=True):
-                pred = target.binary_mask if target.present else target.forced_mask
-                metrics.add(target.present, pred, ref.load_mask(), ref.case)
+    images = set()
+    for image_id, image, refs, command in _conversations(engine, samples, "eval", progress):
+        images.add(image_id)
+        result = engine.segment(
+            image,
+            command,
+            frame_key=("eval", image_id),
+            decoding=decoding,
+            masks_for_rejected=protocol == "lenient",
+        )
+        stats["conversations"] += 1
+        stats["fallbacks"] += int(result.decoding != (decoding or engine.decoding))
+        stats["latency_ms"].append(result.timings_ms.get("total", 0.0))
+        _add(metrics, refs, [r.load_mask() for r in refs], result)
+    stats["images"] = len(images)
     return metrics.summary(), stats
 
 
@@ -72,34 +83,24 @@ def presence_sweep(
     decoded after, so every threshold is decoded for real. Each image is encoded once and its
     cached frame serves every threshold. The engine's own threshold is restored afterwards.
     """
-    from tqdm import tqdm
-
     from gsva_ros.engine import check_presence_threshold
 
     thresholds = [check_presence_threshold(t) for t in thresholds]
     if not thresholds:
         raise ValueError("presence_sweep needs at least one threshold")
     metrics = [GRESMetrics(protocol) for _ in thresholds]
-    chunk = max(1, engine.max_expressions)
     saved = engine.presence_threshold
-    groups = group_by_image(samples)
     try:
-        for image_id, refs in tqdm(groups.items(), desc="calibrate", unit="img",
-                                   disable=not progress):
-            image = np.asarray(Image.open(refs[0].image_path).convert("RGB"))
+        for image_id, image, refs, command in _conversations(engine, samples, "calibrate",
+                                                             progress):
             gts = [r.load_mask() for r in refs]
-            for start in range(0, len(refs), chunk):
-                part = refs[start : start + chunk]
-                command = "; ".join(r.sentence.replace(";", " ") for r in part)
-                for threshold, m in zip(thresholds, metrics, strict=True):
-                    engine.presence_threshold = threshold
-                    result = engine.segment(
-                        image, command, frame_key=("calibrate", image_id), decoding=decoding,
-                        masks_for_rejected=protocol == "lenient",
-                    )
-                    for k, (ref, target) in enumerate(zip(part, result.targets, strict=True)):
-                        pred = target.binary_mask if target.present else target.forced_mask
-                        m.add(target.present, pred, gts[start + k], ref.case)
+            for threshold, m in zip(thresholds, metrics, strict=True):
+                engine.presence_threshold = threshold
+                result = engine.segment(
+                    image, command, frame_key=("calibrate", image_id), decoding=decoding,
+                    masks_for_rejected=protocol == "lenient",
+                )
+                _add(m, refs, gts, result)
     finally:
         engine.presence_threshold = saved
     return [{"threshold": t, **m.summary()} for t, m in zip(thresholds, metrics, strict=True)]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from gsva_ros.cli.evaluate import add_dataset_args
+
 DEFAULT_THRESHOLDS = "0.3,0.4,0.5,0.55,0.6,0.65,0.7,0.75,0.8,0.85,0.9,0.95"
 
 
@@ -32,21 +34,11 @@ def _thresholds(text: str) -> list[float]:
 
 def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help="choose a model's presence threshold on a validation split")
-    p.add_argument("--data", required=True, help="gRefCOCO-format dataset directory")
-    p.add_argument("--images", default=None, help="image directory (default DATA/images)")
-    p.add_argument("--model", default="tiny", help="'tiny' or a model directory")
-    p.add_argument("--split", default=None, help="split to use (default: all refs)")
+    add_dataset_args(p)
     p.add_argument("--thresholds", type=_thresholds, default=_thresholds(DEFAULT_THRESHOLDS),
                    help=f"comma-separated candidates (default {DEFAULT_THRESHOLDS})")
     p.add_argument("--criterion", choices=["giou", "ciou"], default="giou",
                    help="metric to maximise")
-    p.add_argument("--decoding", choices=["slots", "generate"], default="slots")
-    p.add_argument("--protocol", choices=["strict", "lenient"], default="strict")
-    p.add_argument("--keep-empty-masks", action="store_true",
-                   help="keep a [SEG] whose mask is empty as present (GSVA's answer as is)")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N expressions")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
     p.add_argument("--write", action="store_true",
                    help="store the best threshold in the model's config.json")
     p.add_argument("--json", action="store_true", help="print one JSON object last")

@@ -10,21 +10,26 @@ import argparse
 import json
 
 
-def add_parser(sub, name: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help="GRES metrics (gIoU, cIoU, N-acc, T-acc) on a dataset")
+def add_dataset_args(p: argparse.ArgumentParser) -> None:
+    """The data, model and decoding options ``eval`` and ``calibrate`` share."""
     p.add_argument("--data", required=True, help="gRefCOCO-format dataset directory")
     p.add_argument("--images", default=None, help="image directory (default DATA/images)")
     p.add_argument("--model", default="tiny", help="'tiny' or a model directory")
-    p.add_argument("--split", default=None, help="split to evaluate (default: all refs)")
+    p.add_argument("--split", default=None, help="split to use (default: all refs)")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N expressions")
     p.add_argument("--decoding", choices=["slots", "generate"], default="slots")
     p.add_argument("--protocol", choices=["strict", "lenient"], default="strict")
     p.add_argument("--keep-empty-masks", action="store_true",
                    help="keep a [SEG] whose mask is empty as present (GSVA's answer as is)")
-    p.add_argument("--presence-threshold", type=float, default=None, metavar="P",
-                   help="[SEG] share needed for 'present' (default: the model's own)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N expressions")
+
+
+def add_parser(sub, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help="GRES metrics (gIoU, cIoU, N-acc, T-acc) on a dataset")
+    add_dataset_args(p)
+    p.add_argument("--presence-threshold", type=float, default=None, metavar="P",
+                   help="[SEG] share needed for 'present' (default: the model's own)")
     p.add_argument("--json", action="store_true", help="print one JSON object last")
     return p
 
