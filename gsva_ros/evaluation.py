@@ -34,7 +34,7 @@ def _conversations(engine, samples: Iterable[RefSample], desc: str, progress: bo
 def _add(metrics: GRESMetrics, refs: list[RefSample], gts: list, result) -> None:
     for ref, gt, target in zip(refs, gts, result.targets, strict=True):
         pred = target.binary_mask if target.present else target.forced_mask
-        metrics.add(target.present, pred, gt, ref.case)
+        metrics.add(target.present, pred, gt, ref.case, ref.kind)
 
 
 def evaluate(

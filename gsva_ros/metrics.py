@@ -99,6 +99,7 @@ class GRESMetrics:
         self.protocol = protocol
         self._total = _Acc()
         self._cases: dict[str, _Acc] = {}
+        self._kinds: dict[str, _Acc] = {}
 
     def add(
         self,
@@ -106,6 +107,7 @@ class GRESMetrics:
         pred_mask: np.ndarray | None,
         gt_mask: np.ndarray,
         case: str | None = None,
+        kind: str | None = None,
     ) -> float:
         """Score one expression and return its IoU (the amount added to the gIoU sum).
 
@@ -119,6 +121,8 @@ class GRESMetrics:
                 ``None``, an empty GT is filed under ``"no-target"`` and a non-empty one only in
                 the totals (a mask alone cannot tell single from multi). The label never changes
                 the scoring, which depends on the GT mask only.
+            kind: an optional finer label (e.g. the synthetic scenes' template family, such as
+                ``"position"``) for a second breakdown, ``per_kind``; it never changes scoring.
         """
         gt = _binary(gt_mask, None, "gt_mask")
         pred = _binary(pred_mask, gt.shape, "pred_mask")
@@ -147,6 +151,8 @@ class GRESMetrics:
         self._total.update(step)
         if case is not None:
             self._cases.setdefault(case, _Acc()).update(step)
+        if kind is not None:
+            self._kinds.setdefault(kind, _Acc()).update(step)
         return step.giou_sum
 
     def update(self, other: GRESMetrics) -> GRESMetrics:
@@ -156,6 +162,8 @@ class GRESMetrics:
         self._total.update(other._total)
         for case, acc in other._cases.items():
             self._cases.setdefault(case, _Acc()).update(acc)
+        for kind, acc in other._kinds.items():
+            self._kinds.setdefault(kind, _Acc()).update(acc)
         return self
 
     @classmethod
@@ -177,13 +185,16 @@ class GRESMetrics:
 
         Keys: ``giou``, ``ciou``, ``n_acc``, ``t_acc``, ``count``, ``protocol``, ``confusion``
         (``tp``, ``fn``, ``fp``, ``tn``) and ``per_case``: for each case seen, ``giou``,
-        ``ciou``, ``count`` and ``n_acc`` (no-target) or ``t_acc`` (single, multi).
+        ``ciou``, ``count`` and ``n_acc`` (no-target) or ``t_acc`` (single, multi);
+        ``per_kind``: for each kind seen (sorted; empty without kinds), ``giou``, ``ciou``,
+        ``n_acc``, ``t_acc`` (``None`` where the kind has no such expression) and ``count``.
         """
         out = self._total.summary()
         out["protocol"] = self.protocol
         t = self._total
         out["confusion"] = {"tp": t.tp, "fn": t.fn, "fp": t.fp, "tn": t.tn}
         out["per_case"] = {c: self._cases[c].summary(c) for c in CASES if c in self._cases}
+        out["per_kind"] = {k: self._kinds[k].summary() for k in sorted(self._kinds)}
         return out
 
 
@@ -192,11 +203,15 @@ def percent(value: float | None) -> str:
     return "-" if value is None else f"{100.0 * value:.2f}"
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """A small aligned text table of a :meth:`GRESMetrics.summary` (percent; ``-`` = n/a)."""
-    header = ("case", "count", "gIoU", "cIoU", "N-acc", "T-acc")
+def format_table(summary: dict[str, Any], breakdown: str = "per_case") -> str:
+    """A small aligned text table of a :meth:`GRESMetrics.summary` (percent; ``-`` = n/a).
+
+    ``breakdown`` picks the rows under "overall": ``"per_case"`` or ``"per_kind"``.
+    """
+    header = ("case" if breakdown == "per_case" else "kind", "count", "gIoU", "cIoU", "N-acc",
+              "T-acc")
     rows = [("overall", summary)]
-    rows += [(c, s) for c, s in summary.get("per_case", {}).items()]
+    rows += [(c, s) for c, s in summary.get(breakdown, {}).items()]
     lines = [header] + [
         (
             name,

@@ -152,3 +152,31 @@ def test_format_table() -> None:
     assert lines[3].split() == ["single", "1", "33.33", "33.33", "-", "100.00"]
     assert lines[5].split() == ["no-target", "2", "50.00", "0.00", "50.00", "-"]
     assert len({len(line) for line in lines[1:]}) == 1  # aligned columns
+
+
+def test_per_kind_breakdown_hand_computed_and_merged() -> None:
+    m = GRESMetrics("strict")
+    m.add(True, PRED, GT, "single", kind="position")  # IoU 1/3, I 2, U 6
+    m.add(True, GT, GT, "single", kind="position")  # IoU 1, I 4, U 4
+    m.add(False, None, EMPTY, "no-target", kind="absent-color")  # TP
+    m.add(True, STRAY, EMPTY, "no-target", kind="absent-color")  # FN, U 3
+    m.add(True, GT, GT, "single")  # no kind: totals and per_case only
+    s = m.summary()
+    assert list(s["per_kind"]) == ["absent-color", "position"]  # sorted, unlabelled left out
+    pos, absent = s["per_kind"]["position"], s["per_kind"]["absent-color"]
+    assert pos == pytest.approx(
+        {"giou": (1 / 3 + 1) / 2, "ciou": 6 / 10, "n_acc": None, "t_acc": 1.0, "count": 2}
+    )
+    assert absent == pytest.approx(
+        {"giou": 0.5, "ciou": 0.0, "n_acc": 0.5, "t_acc": None, "count": 2}
+    )
+    assert s["count"] == 5 and s["per_case"]["single"]["count"] == 3
+    other = GRESMetrics("strict")
+    other.add(False, PRED, GT, "multi", kind="position")  # FP: IoU 0 under strict
+    merged = GRESMetrics.merge(m, other).summary()["per_kind"]["position"]
+    assert merged["count"] == 3 and merged["t_acc"] == pytest.approx(2 / 3)
+    assert merged["giou"] == pytest.approx((1 / 3 + 1 + 0) / 3)
+    table = format_table(s, "per_kind").splitlines()
+    assert table[1].split()[0] == "kind" and table[2].split()[0] == "overall"
+    assert [line.split()[0] for line in table[3:]] == ["absent-color", "position"]
+    assert GRESMetrics("strict").summary()["per_kind"] == {}

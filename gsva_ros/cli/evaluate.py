@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
           f"presence threshold {engine.presence_threshold:g} | empty masks "
           f"{'rejected' if engine.reject_empty_masks else 'kept'}")
     print(format_table(summary))
+    if summary["per_kind"]:  # the data names each sentence's kind (the synthetic scenes do)
+        print(format_table({k: v for k, v in summary.items() if k != "protocol"}, "per_kind"))
     print(
         f"images {stats['images']}  conversations {stats['conversations']}  "
         f"fallbacks {stats['fallbacks']}  latency p50 {np.percentile(lat, 50):.1f} ms  "
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         keys = ("giou", "ciou", "n_acc", "t_acc")
         out = {k: summary[k] for k in keys}
         out["per_case"] = summary["per_case"]
+        out["per_kind"] = summary["per_kind"]
         out["count"] = summary["count"]  # last key, as documented
         print(json.dumps(out))
     return 0

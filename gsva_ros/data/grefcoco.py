@@ -5,7 +5,7 @@ Layout (reference spec §6)::
     root/
       grefs(unc).json   list of refs: ref_id, image_id, file_name, split, ann_id (list; [-1] =
                         no target), category_id (list), sent_ids, sentences [{sent_id, sent, raw,
-                        tokens}], optional no_target
+                        tokens, optional kind}], optional no_target
       instances.json    COCO: images [{id, file_name, height, width}], annotations [{id, image_id,
                         category_id, bbox, area, segmentation, iscrowd}], categories
       images/           default image folder; the real gRefCOCO uses COCO train2014 images that
@@ -281,6 +281,8 @@ class RefSample:
     file marks as ``[-1]``). ``case`` is ``"no-target"`` without targets, ``"multi"`` with two
     or more, else ``"single"``. ``height``/``width`` are the image size from ``instances.json``.
     The mask is decoded on demand by :meth:`load_mask` so a loaded split costs little memory.
+    ``kind`` is the sentence's template family where the data names one (the synthetic scenes
+    do, real gRefCOCO does not: ``None``); evaluation breaks results down by it.
     """
 
     ref_id: int
@@ -294,6 +296,7 @@ class RefSample:
     height: int
     width: int
     split: str | None = None
+    kind: str | None = None
     segmentations: tuple[Any, ...] = field(default=(), repr=False, compare=False)
 
     def load_mask(self) -> np.ndarray:
@@ -397,6 +400,13 @@ def _sentence_text(sent: Any) -> str | None:
     return text.strip() if isinstance(text, str) else None
 
 
+def _sentence_kind(sent: dict, path: Path, where: str) -> str | None:
+    kind = sent.get("kind")
+    _require(kind is None or (isinstance(kind, str) and kind.strip() != ""), path, where,
+             "'kind' must be a non-empty string when given")
+    return kind.strip() if kind is not None else None
+
+
 def load_grefcoco(
     root: str | Path,
     split: str | None = None,
@@ -460,6 +470,7 @@ def load_grefcoco(
                     height=int(img["height"]),
                     width=int(img["width"]),
                     split=ref.get("split"),
+                    kind=_sentence_kind(sent, refs_path, f"{where}.sentences[{j}]"),
                     segmentations=tuple(segs),
                 )
             )

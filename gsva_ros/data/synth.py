@@ -48,6 +48,11 @@ commands on those, so one sentence must stay one expression.
   "all shapes";
 * no-target (~20 %): a plausible combination absent from the scene, mostly near misses that
   share the colour or the shape of a present object ("the purple star", "all triangles").
+
+Each written sentence also carries ``"kind"``, its template family (:attr:`Expression.kind`:
+``color-shape``, ``shape``, ``color``, ``size``, ``position``, ``extreme``, ``plural``,
+``size-plural``, ``all``, ``absent-*``), an extension of gRefCOCO's sentence record that
+``gsva-ros eval`` breaks results down by; loaders that do not know it ignore it.
 """
 
 from __future__ import annotations
@@ -194,7 +199,7 @@ class Expression:
     """A referring expression and the indices of the objects it refers to (empty = no target).
 
     ``kind`` names the template family (e.g. ``"color-shape"``, ``"position"``, ``"plural"``,
-    ``"absent-color"``); it is informative only.
+    ``"absent-color"``); it is written with the sentence and only used to break results down.
     """
 
     sentence: str
@@ -779,6 +784,7 @@ def generate_dataset(
                             "sent": e.sentence,
                             "raw": e.sentence,
                             "tokens": e.sentence.split(),
+                            "kind": e.kind,
                         }
                     )
                     n_sentences += 1

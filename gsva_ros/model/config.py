@@ -153,7 +153,7 @@ def gsva_13b() -> GSVAConfig:
 def tiny(vocab_size: int = 1024) -> GSVAConfig:
     """The embedded CPU model: same architecture, sizes small enough to train on 2 cores.
 
-    SAM runs at 512 px (32×32 embedding, 128×128 low-res masks) instead of 1024 px; token ids
+    SAM runs at 384 px (24×24 embedding, 96×96 low-res masks) instead of 1024 px; token ids
     are filled in from the project's own tokenizer when it is built.
     """
     return GSVAConfig(
@@ -171,7 +171,7 @@ def tiny(vocab_size: int = 1024) -> GSVAConfig:
         vision_num_hidden_layers=3,
         vision_num_attention_heads=4,
         vision_projection_dim=96,
-        sam_image_size=512,
+        sam_image_size=384,
         sam_patch_size=16,
         sam_embed_dim=64,
         sam_depth=3,

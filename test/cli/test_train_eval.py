@@ -66,6 +66,12 @@ def test_eval_cli_json(small_data, small_config, tmp_path, capsys):
         assert list(result)[-1] == "count" and result["count"] > 0
         assert {"giou", "ciou", "n_acc", "t_acc"} <= set(result)
         assert 0.0 <= result["giou"] <= 1.0
+        # the synthetic scenes name each sentence's template family: a second table and
+        # per_kind, whose counts add up to every expression
+        assert "kind" in text and "color-shape" in text
+        kinds = result["per_kind"]
+        assert sum(k["count"] for k in kinds.values()) == result["count"]
+        assert all((k["n_acc"] is None) != name.startswith("absent-") for name, k in kinds.items())
     # a threshold no [SEG] share reaches rejects every expression
     assert main(["eval", "--data", str(small_data), "--model", str(out),
                  "--presence-threshold", "0.999999", "--json"]) == 0

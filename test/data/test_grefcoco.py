@@ -239,6 +239,7 @@ def test_loader_decodes_every_encoding(tmp_path: Path) -> None:
         assert mask.dtype == bool and np.array_equal(mask, gt[s.ref_id]), s.sentence
     # Image file name comes from instances.json, not the per-ref suffixed name.
     assert samples[0].image_path == root / "images" / "COCO_train2014_000000000007.jpg"
+    assert all(s.kind is None for s in samples)  # real gRefCOCO names no template family
 
 
 def test_loader_split_and_image_dir(tmp_path: Path) -> None:
@@ -281,6 +282,7 @@ def test_loader_on_generated_dataset(tmp_path: Path) -> None:
         assert np.array_equal(mask, expected)
         assert mask.any() != s.no_target
         assert (len(s.ann_ids) >= 2) == (s.case == "multi")
+        assert s.kind and s.kind.startswith("absent-") == s.no_target
     assert len(group_by_image(samples)) == 5
 
 
@@ -325,6 +327,8 @@ def test_malformed_json_names_file_and_position(tmp_path: Path) -> None:
         (lambda refs, inst: refs[2].update(ann_id=[-1, 3]), "mixes -1"),
         (lambda refs, inst: inst.pop("annotations"), "missing list 'annotations'"),
         (lambda refs, inst: inst["images"][0].pop("height"), r"images\[0\]"),
+        (lambda refs, inst: refs[1]["sentences"][0].update(kind=3), r"sentences\[0\]: 'kind'"),
+        (lambda refs, inst: refs[0]["sentences"][1].update(kind=" "), r"sentences\[1\]: 'kind'"),
     ],
 )
 def test_schema_errors_are_clear(tmp_path: Path, mutate, message: str) -> None:

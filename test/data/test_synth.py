@@ -338,6 +338,38 @@ def test_grammar_is_regular(dataset: dict) -> None:
     assert COLOR_WORDS | SIZE_WORDS | {"leftmost", "rightmost", "left", "top"} <= vocab
 
 
+def _expected_kind(sentence: str, no_target: bool, n_targets: int) -> set[str]:
+    """The template families a sentence can come from, read off its words by the test."""
+    w = sentence.split()
+    if no_target:
+        return {"absent-color-shape", "absent-shape", "absent-color", "absent-far"}
+    if sentence == "all shapes":
+        return {"all", "plural"}
+    if "leftmost" in w or "rightmost" in w:
+        return {"extreme"}
+    if tuple(w[-3:]) in POSITIONS:
+        return {"position"}
+    if SIZE_WORDS & set(w):
+        return {"size-plural"} if n_targets > 1 else {"size"}
+    if n_targets > 1:
+        return {"plural"}
+    has_color, noun = bool(COLOR_WORDS & set(w)), w[-1]
+    if has_color and noun != "shape":
+        return {"color-shape"}
+    return {"color"} if has_color else {"shape"}
+
+
+def test_every_sentence_names_its_template_family(dataset: dict) -> None:
+    seen = set()
+    for r in dataset["refs"]:
+        n = 0 if r["no_target"] else len(r["ann_id"])
+        for s in r["sentences"]:
+            assert s["kind"] in _expected_kind(s["sent"], r["no_target"], n), s
+            seen.add(s["kind"])
+    assert {"color-shape", "shape", "size", "position", "extreme", "plural"} <= seen
+    assert any(k.startswith("absent-") for k in seen)
+
+
 def test_case_mix_and_target_counts(dataset: dict) -> None:
     s = dataset["summary"]
     total = s["sentences"]
