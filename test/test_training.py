@@ -266,3 +266,76 @@ def test_rej_mask_weight_adds_a_bce_on_rejected_slots_only(data, small):
     for w in (1.0, 2.0):  # the [SEG] masks and the text are scored exactly as before
         assert out[w].dice == pytest.approx(out[0.0].dice, rel=1e-6)
         assert out[w].ce == pytest.approx(out[0.0].ce, rel=1e-6)
+
+
+def test_category_loss_pools_the_embedding_under_each_mask_in_sams_geometry():
+    import torch.nn.functional as F
+
+    from gsva_ros.training import category_loss
+
+    # SAM input 8 px, grid 4×4 (2 px a cell); the image is 4×8 (H×W) resized to 4×8, so
+    # SAM pads it at the bottom: rows 4-7 of the input, grid rows 2-3, are padding.
+    emb = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
+    masks = torch.zeros(3, 4, 8, dtype=torch.bool)
+    masks[0, 0:2, 0:4] = True  # grid cells (0, 0), (0, 1)
+    masks[1, 2:4, 4:8] = True  # grid cells (1, 2), (1, 3)
+    masks[2, :, :] = True  # skipped below (category -1)
+    head = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+        head.bias.zero_()
+    cats = torch.tensor([1, 0, -1])
+    loss = category_loss(head, emb, [masks], [cats], [(4, 8)], sam_size=8)
+    e = emb[0]
+    pooled = torch.stack([
+        e[:, 0, 0:2].mean(1),  # mask 0
+        e[:, 1, 2:4].mean(1),  # mask 1
+    ])
+    want = float(F.cross_entropy(pooled, torch.tensor([1, 0])))
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    # no slot with a single-target category → no loss
+    assert category_loss(head, emb, [masks], [torch.tensor([-1, -1, -1])], [(4, 8)], 8) is None
+
+
+def test_dataset_names_the_category_of_single_targets_only(data, small):
+    from gsva_ros.training import category_classes
+
+    cfg, tok = small
+    index = category_classes(data)
+    assert len(index) == 4  # the four shapes of the synthetic scenes
+    ds = GRESTrainDataset(group_images(data), tok, cfg, max_slots=5, seed=0)
+    assert all(int(c) == -1 for c in ds[0]["categories"])  # objective off: nothing named
+    ds.category_index = index
+    seen = 0
+    for i in range(len(ds)):
+        item, g = ds[i], ds.images[i]
+        for slot, cat in zip(item["picked"], item["categories"].tolist(), strict=True):
+            sample = g.samples[slot]
+            want = index[sample.category_ids[0]] if sample.case == "single" else -1
+            assert cat == want
+            seen += cat >= 0
+    assert seen > 0
+
+
+def test_category_objective_is_added_logged_and_never_saved_with_the_model(
+    data, small, tmp_path
+):
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg, tok = small
+    torch.manual_seed(0)
+    opts = TrainOptions(steps=2, batch_size=2, lr=1e-3, warmup_steps=0, save_every=1,
+                        log_every=1, category_weight=0.5)
+    model = GSVAModel(cfg)
+    train(model, tok, data, tmp_path / "run", opts)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "loss_log.jsonl").read_text().splitlines()]
+    assert any(r["category"] > 0 for r in recs)
+    for r in recs:
+        gsva = r["ce"] + opts.bce_weight * r["bce"] + opts.dice_weight * r["dice"]
+        assert r["loss"] == pytest.approx(gsva + 0.5 * r["category"], rel=1e-4)
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    assert set(saved) == set(model.state_dict())  # the read-out head is training-only
+    state = torch.load(tmp_path / "run" / "last" / "train_state.pt", weights_only=True)
+    assert state["category_head"]["weight"].shape == (4, cfg.sam_prompt_dim)

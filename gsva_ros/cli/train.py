@@ -97,6 +97,14 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
         help="loss weight of a training-only read-out of each expression's words from its "
         "mask prompt (keeps the phrase where SAM's decoder can see it)",
     )
+    p.add_argument(
+        "--category-aux",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="loss weight of a training-only read-out of each single target's COCO category "
+        "(the synthetic scenes: its shape) from SAM's image embedding under its mask",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
@@ -141,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
         bad.append("--rej-mask-weight must be >= 0")
     if args.phrase_aux < 0:
         bad.append("--phrase-aux must be >= 0")
+    if args.category_aux < 0:
+        bad.append("--category-aux must be >= 0")
     if args.aux_lm_rows < 1:
         bad.append("--aux-lm-rows must be >= 1")
     if bad:
@@ -184,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
         aux_lm_weight=args.aux_lm,
         aux_lm_rows=args.aux_lm_rows,
         phrase_weight=args.phrase_aux,
+        category_weight=args.category_aux,
         rej_mask_weight=args.rej_mask_weight,
     )
     summary = train(model, tokenizer, samples, out, opts, resume=resume)

@@ -297,6 +297,8 @@ class RefSample:
     width: int
     split: str | None = None
     kind: str | None = None
+    # COCO category id of each target annotation (ann_ids order); () when not given
+    category_ids: tuple[int, ...] = ()
     segmentations: tuple[Any, ...] = field(default=(), repr=False, compare=False)
 
     def load_mask(self) -> np.ndarray:
@@ -446,10 +448,11 @@ def load_grefcoco(
         img = images.get(image_id)
         _require(img is not None, refs_path, where, f"image_id {image_id} not in {inst_path.name}")
         ann_ids = _ann_ids(ref, refs_path, where)
-        segs = []
+        segs, cats = [], []
         for a in ann_ids:
             _require(a in anns, refs_path, where, f"ann_id {a} not in {inst_path.name}")
             segs.append(anns[a]["segmentation"])
+            cats.append(anns[a].get("category_id"))
         case: Case = "no-target" if not ann_ids else ("multi" if len(ann_ids) > 1 else "single")
         file_name = img.get("file_name") or ref.get("file_name")
         sentences = ref["sentences"]
@@ -471,6 +474,8 @@ def load_grefcoco(
                     width=int(img["width"]),
                     split=ref.get("split"),
                     kind=_sentence_kind(sent, refs_path, f"{where}.sentences[{j}]"),
+                    category_ids=tuple(int(c) for c in cats)
+                    if all(isinstance(c, int) for c in cats) else (),
                     segmentations=tuple(segs),
                 )
             )

@@ -136,6 +136,8 @@ class TrainOutput:
     # The mask prompt (text_hidden_fcs output) at every [SEG]/[REJ] slot, N_slots×D in batch
     # and slot order (with gradient): training-only objectives can read it.
     slot_prompts: torch.Tensor | None = None
+    # SAM's image embedding, B×C×g×g (with gradient), for training-only image objectives.
+    image_embeddings: torch.Tensor | None = None
 
 
 def answer_ce(
@@ -330,7 +332,7 @@ class GSVAModel(nn.Module):
         loss = ce_weight * ce + bce_weight * bce + dice_weight * dice
         return TrainOutput(
             loss=loss, ce=ce.detach(), bce=bce.detach(), dice=dice.detach(),
-            slot_prompts=torch.cat(all_prompts),
+            slot_prompts=torch.cat(all_prompts), image_embeddings=image_embeddings,
         )
 
     # ------------------------------------------------------------------ inference options
