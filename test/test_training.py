@@ -208,7 +208,9 @@ def test_slot_prompts_are_the_mask_prompts_of_every_slot(data, small):
     assert torch.allclose(res.slot_prompts[:n], expected, atol=1e-4)
 
 
-def test_phrase_objective_is_added_logged_and_never_saved_with_the_model(data, small, tmp_path):
+def _train_with_read_out(data, small, run_dir, **weights):
+    """Two logged steps with a training-only objective → (options, log records, train state);
+    also checks the saved model holds exactly the model's weights (no read-out head)."""
     import json
 
     from safetensors.torch import load_file
@@ -216,17 +218,23 @@ def test_phrase_objective_is_added_logged_and_never_saved_with_the_model(data, s
     cfg, tok = small
     torch.manual_seed(0)
     opts = TrainOptions(steps=2, batch_size=2, lr=1e-3, warmup_steps=0, save_every=1,
-                        log_every=1, phrase_weight=0.5)
+                        log_every=1, **weights)
     model = GSVAModel(cfg)
-    train(model, tok, data, tmp_path / "run", opts)
-    recs = [json.loads(x) for x in (tmp_path / "run" / "loss_log.jsonl").read_text().splitlines()]
+    train(model, tok, data, run_dir, opts)
+    recs = [json.loads(x) for x in (run_dir / "loss_log.jsonl").read_text().splitlines()]
+    saved = load_file(run_dir / "model.safetensors")
+    assert set(saved) == set(model.state_dict())  # the read-out head is training-only
+    state = torch.load(run_dir / "last" / "train_state.pt", weights_only=True)
+    return opts, recs, state
+
+
+def test_phrase_objective_is_added_logged_and_never_saved_with_the_model(data, small, tmp_path):
+    opts, recs, state = _train_with_read_out(data, small, tmp_path / "run", phrase_weight=0.5)
     for r in recs:
         assert r["phrase"] > 0
         gsva = r["ce"] + opts.bce_weight * r["bce"] + opts.dice_weight * r["dice"]
         assert r["loss"] == pytest.approx(gsva + 0.5 * r["phrase"], rel=1e-4)
-    saved = load_file(tmp_path / "run" / "model.safetensors")
-    assert set(saved) == set(model.state_dict())  # the read-out head is training-only
-    state = torch.load(tmp_path / "run" / "last" / "train_state.pt", weights_only=True)
+    cfg = small[0]
     assert state["phrase_head"]["weight"].shape == (cfg.vocab_size, cfg.sam_prompt_dim)
 
 
@@ -322,22 +330,9 @@ def test_dataset_names_the_category_of_single_targets_only(data, small):
 def test_category_objective_is_added_logged_and_never_saved_with_the_model(
     data, small, tmp_path
 ):
-    import json
-
-    from safetensors.torch import load_file
-
-    cfg, tok = small
-    torch.manual_seed(0)
-    opts = TrainOptions(steps=2, batch_size=2, lr=1e-3, warmup_steps=0, save_every=1,
-                        log_every=1, category_weight=0.5)
-    model = GSVAModel(cfg)
-    train(model, tok, data, tmp_path / "run", opts)
-    recs = [json.loads(x) for x in (tmp_path / "run" / "loss_log.jsonl").read_text().splitlines()]
+    opts, recs, state = _train_with_read_out(data, small, tmp_path / "run", category_weight=0.5)
     assert any(r["category"] > 0 for r in recs)
     for r in recs:
         gsva = r["ce"] + opts.bce_weight * r["bce"] + opts.dice_weight * r["dice"]
         assert r["loss"] == pytest.approx(gsva + 0.5 * r["category"], rel=1e-4)
-    saved = load_file(tmp_path / "run" / "model.safetensors")
-    assert set(saved) == set(model.state_dict())  # the read-out head is training-only
-    state = torch.load(tmp_path / "run" / "last" / "train_state.pt", weights_only=True)
-    assert state["category_head"]["weight"].shape == (4, cfg.sam_prompt_dim)
+    assert state["category_head"]["weight"].shape == (4, small[0].sam_prompt_dim)
