@@ -354,8 +354,9 @@ def category_loss(
 
     Why: the encoders trained by GSVA's loss alone learn colour but hardly shape (a linear
     probe reads colour from the pooled embedding at 0.98, shape at 0.41 against 0.27 chance),
-    so the decoder cannot follow shape words; naming the shape of the pixels under each mask
-    teaches it directly (the head is dropped after training).
+    so the decoder cannot follow shape words; naming the shape of the pixels under each mask is
+    meant to teach it directly (in 600-step tests it did not yet: README). The head is dropped
+    after training.
     """
     g = image_embeddings.shape[-1]
     logits, labels = [], []

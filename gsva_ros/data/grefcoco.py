@@ -474,8 +474,7 @@ def load_grefcoco(
                     width=int(img["width"]),
                     split=ref.get("split"),
                     kind=_sentence_kind(sent, refs_path, f"{where}.sentences[{j}]"),
-                    category_ids=tuple(int(c) for c in cats)
-                    if all(isinstance(c, int) for c in cats) else (),
+                    category_ids=tuple(cats) if all(isinstance(c, int) for c in cats) else (),
                     segmentations=tuple(segs),
                 )
             )
