@@ -23,7 +23,7 @@ demo: setup
 	$(VENV)/bin/gsva-ros demo
 
 lint: setup
-	$(VENV)/bin/ruff check gsva_ros test setup.py
+	$(VENV)/bin/ruff check gsva_ros test experiments setup.py
 
 clean:
 	rm -rf build/

@@ -1,0 +1,128 @@
+"""Can the tiny CLIP tower learn *which shapes and colours are in the image* from scratch?
+
+The tower (tiny preset geometry, optionally another image/patch size) feeds its layer −2 patch
+tokens, projected, to a one-layer attention read-out with one learned query per shape and per
+colour; each query says "present or not" (BCE). Reported: balanced accuracy of the shape and the
+colour answers on 200 held-out scenes, after a fixed wall time. This isolates the question the
+language model has to answer before it can reject "the purple star".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import add_scene_args, color_index, scene, shape_index
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from gsva_ros.data.synth import COLORS, SHAPES, render
+from gsva_ros.model.config import tiny
+from gsva_ros.model.preprocess import clip_preprocess
+
+N_LABELS = len(SHAPES) + len(COLORS)
+
+
+def make_split(
+    seed: int, n: int, args: argparse.Namespace
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for i in range(n):
+        spec = scene(seed, i, args)
+        image, _ = render(spec)
+        y = torch.zeros(N_LABELS)
+        for obj in spec.objects:
+            y[shape_index(obj.shape)] = 1
+            y[len(SHAPES) + color_index(obj.color)] = 1
+        out.append((clip_preprocess(image, args.size).half(), y))
+    return out
+
+
+class PresenceProbe(nn.Module):
+    def __init__(self, size: int, patch: int) -> None:
+        super().__init__()
+        cfg = tiny()
+        self.tower = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=cfg.vision_hidden_size,
+                intermediate_size=cfg.vision_intermediate_size,
+                num_hidden_layers=cfg.vision_num_hidden_layers,
+                num_attention_heads=cfg.vision_num_attention_heads,
+                image_size=size,
+                patch_size=patch,
+                hidden_act="quick_gelu",
+            )
+        )
+        self.proj = nn.Linear(cfg.vision_hidden_size, cfg.hidden_size)
+        self.queries = nn.Parameter(torch.randn(N_LABELS, cfg.hidden_size) * 0.02)
+        self.attn = nn.MultiheadAttention(cfg.hidden_size, 4, batch_first=True)
+        self.head = nn.Sequential(
+            nn.Linear(cfg.hidden_size, cfg.hidden_size), nn.GELU(), nn.Linear(cfg.hidden_size, 1)
+        )
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """B×3×S×S → B×(shapes+colours) presence logits."""
+        tokens = self.proj(self.tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
+        read, _ = self.attn(self.queries.expand(len(pixels), -1, -1), tokens, tokens)
+        return self.head(read)[..., 0]
+
+
+def balanced_accuracy(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    tpr = (pred & truth).sum() / truth.sum()
+    tnr = (~pred & ~truth).sum() / (~truth).sum()
+    return round(float(0.5 * (tpr + tnr)), 3)
+
+
+def evaluate(model: PresenceProbe, val: list) -> dict[str, float]:
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                model(torch.stack([p.float() for p, _ in val[i : i + 25]]))
+                for i in range(0, len(val), 25)
+            ]
+        )
+    model.train()
+    pred, truth = logits > 0, torch.stack([y for _, y in val]).bool()
+    k = len(SHAPES)
+    return {
+        "shape": balanced_accuracy(pred[:, :k], truth[:, :k]),
+        "colour": balanced_accuracy(pred[:, k:], truth[:, k:]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_scene_args(parser)
+    parser.add_argument("--size", type=int, default=224, help="CLIP input size")
+    parser.add_argument("--patch", type=int, default=14, help="CLIP patch size")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    train, val = make_split(101, 1500, args), make_split(202, 200, args)
+    model = PresenceProbe(args.size, args.patch)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    rng = np.random.default_rng(0)
+    step, start = 0, time.time()
+    while step < args.steps if args.steps else time.time() - start < args.secs:
+        batch = [train[i] for i in rng.integers(len(train), size=args.batch_size)]
+        logits = model(torch.stack([p.float() for p, _ in batch]))
+        loss = F.binary_cross_entropy_with_logits(logits, torch.stack([y for _, y in batch]))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 150 == 0:
+            print(f"step {step:5d}  loss {loss.item():.3f}  {evaluate(model, val)}", flush=True)
+    result = {"steps": step, "s_per_step": round((time.time() - start) / step, 3)}
+    print(json.dumps({**vars(args), **result, **evaluate(model, val)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Shared pieces of the vision learnability experiments (see README.md next to this file)."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from gsva_ros.data.synth import COLORS, SHAPES, SceneSpec, sample_scene
+
+
+def add_scene_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=0, help="training steps (0: use --secs)")
+    parser.add_argument("--secs", type=float, default=300.0, help="training wall time")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-objects", type=int, default=6, help="keep the first K objects")
+    parser.add_argument("--upright", action="store_true", help="no rotation")
+    parser.add_argument(
+        "--min-radius",
+        type=float,
+        default=0.0,
+        help="enlarge objects to at least this fraction of the short side",
+    )
+
+
+def scene(seed: int, index: int, args: argparse.Namespace) -> SceneSpec:
+    """A synthetic scene as ``gsva-ros synth`` draws it, then edited as the flags ask."""
+    spec = sample_scene(np.random.default_rng([seed, index]))
+    spec.objects = spec.objects[: args.max_objects]
+    side = min(spec.height, spec.width)
+    for obj in spec.objects:
+        if args.upright:
+            obj.angle = 0.0
+        obj.radius = max(obj.radius, args.min_radius * side)
+    return spec
+
+
+def shape_index(name: str) -> int:
+    return list(SHAPES).index(name)
+
+
+def color_index(name: str) -> int:
+    return list(COLORS).index(name)
