@@ -120,6 +120,11 @@ def main() -> None:
         parser.add_argument(f"--{name}", type=int, help=f"override the tiny preset's sam_{name}")
     parser.add_argument("--global-attn", help="comma-separated global attention block indexes")
     parser.add_argument("--dense", type=float, default=0.0, help="per-token shape loss weight")
+    parser.add_argument(
+        "--dense-objects-only",
+        action="store_true",
+        help="per-token shape loss on object tokens only (background tokens ignored)",
+    )
     parser.add_argument("--batch-size", type=int, default=6)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -150,6 +155,8 @@ def main() -> None:
             loss = loss + (2 * bce + 0.5 * dice.mean()) / len(batch)
         if args.dense:
             labels = torch.stack([b[3] for b in batch])
+            if args.dense_objects_only:
+                labels = labels.masked_fill(labels == len(SHAPES), -100)  # CE's ignore_index
             loss = loss + args.dense * F.cross_entropy(model.token_head(emb), labels)
         opt.zero_grad()
         loss.backward()
