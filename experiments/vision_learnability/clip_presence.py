@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import add_scene_args, color_index, scene, shape_index
+from common import add_scene_args, color_index, optimizer_step, scene, shape_index
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -113,10 +113,7 @@ def main() -> None:
         batch = [train[i] for i in rng.integers(len(train), size=args.batch_size)]
         logits = model(torch.stack([p.float() for p, _ in batch]))
         loss = F.binary_cross_entropy_with_logits(logits, torch.stack([y for _, y in batch]))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, model, loss)
         step += 1
         if step % 150 == 0:
             print(f"step {step:5d}  loss {loss.item():.3f}  {evaluate(model, val)}", flush=True)

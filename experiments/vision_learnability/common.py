@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+import torch
 
 from gsva_ros.data.synth import COLORS, SHAPES, SceneSpec, sample_scene
 
@@ -41,3 +42,11 @@ def shape_index(name: str) -> int:
 
 def color_index(name: str) -> int:
     return list(COLORS).index(name)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor) -> None:
+    """One AdamW step with the training recipe's gradient clipping (norm 1.0)."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()

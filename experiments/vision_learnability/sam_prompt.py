@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import add_scene_args, color_index, scene, shape_index
+from common import add_scene_args, color_index, optimizer_step, scene, shape_index
 from torch import nn
 
 from gsva_ros.data.synth import COLORS, SHAPES, render
@@ -158,10 +158,7 @@ def main() -> None:
             if args.dense_objects_only:
                 labels = labels.masked_fill(labels == len(SHAPES), -100)  # CE's ignore_index
             loss = loss + args.dense * F.cross_entropy(model.token_head(emb), labels)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, model, loss)
         step += 1
         if step % 200 == 0:
             print(
