@@ -3,8 +3,8 @@
 The tower (tiny preset geometry, optionally another image/patch size) feeds its layer −2 patch
 tokens, projected, to a one-layer attention read-out with one learned query per shape and per
 colour; each query says "present or not" (BCE). Reported: balanced accuracy of the shape and the
-colour answers on 200 held-out scenes, after a fixed wall time. This isolates the question the
-language model has to answer before it can reject "the purple star".
+colour answers on 200 held-out scenes, after `--steps` steps (or `--secs` seconds). This
+isolates the question the language model has to answer before it can reject "the purple star".
 """
 
 from __future__ import annotations

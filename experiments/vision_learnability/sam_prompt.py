@@ -4,7 +4,8 @@ SAM of the tiny preset geometry (or the overrides given) is trained from scratch
 prompt embedding per shape and per colour in place of the language model: each training image
 asks for one shape present in it and one colour present in it, target = union of the matching
 objects' visible masks at the low-res mask size; loss 2·BCE + 0.5·Dice as in training. Reported:
-mean IoU of the shape and the colour masks on 120 held-out scenes after a fixed wall time.
+mean IoU of the shape and the colour masks on 120 held-out scenes after `--steps` steps (or `--secs`
+seconds).
 ``--dense W`` adds a per-token shape classification loss on the image embedding.
 """
 
