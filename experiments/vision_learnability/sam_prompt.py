@@ -22,14 +22,14 @@ from common import add_scene_args, color_index, optimizer_step, scene, shape_ind
 from torch import nn
 
 from gsva_ros.data.synth import COLORS, SHAPES, render
-from gsva_ros.model.config import tiny
+from gsva_ros.model.config import GSVAConfig, tiny
 from gsva_ros.model.gsva import build_sam
 from gsva_ros.model.preprocess import sam_preprocess
 
 Item = tuple[torch.Tensor, list[tuple[int, int]], list[torch.Tensor], torch.Tensor]
 
 
-def make_split(seed: int, n: int, args: argparse.Namespace, cfg) -> list[Item]:
+def make_split(seed: int, n: int, args: argparse.Namespace, cfg: GSVAConfig) -> list[Item]:
     """Per scene: SAM pixels, (shape, colour) per object, low-res masks, per-token shape labels."""
     size, grid = cfg.sam_image_size, cfg.sam_embedding_size
     out = []
@@ -73,7 +73,7 @@ def queries(item: Item, rng: np.random.Generator, grid: int) -> list[tuple[str, 
 
 
 class PromptedSam(nn.Module):
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg: GSVAConfig) -> None:
         super().__init__()
         self.sam = build_sam(cfg)
         self.prompts = nn.Embedding(len(SHAPES) + len(COLORS), cfg.sam_prompt_dim)
