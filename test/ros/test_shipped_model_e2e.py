@@ -67,11 +67,10 @@ def test_shipped_model_answers_through_ros(answer):
             assert (t.mask.height, t.mask.width, len(t.objects)) == (0, 0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped tiny model segments the red circle and "
-                   "the blue square (IoU 0.98 / 0.97 measured) but answers the absent purple star "
-                   "present with a 35-px speck as its mask (README 'The embedded model'); the "
-                   "issue's end-to-end target")
 def test_red_circle_blue_square_purple_star(answer):
+    # the end-to-end target; measured: IoU 0.99 / 0.98, the purple star [REJ] (score
+    # 0.37 against the 0.5 threshold). The model before the shipped one failed it (the star
+    # answered [SEG] with a 35-px speck), so this can fail with a weaker model.
     msg, rgb, masks = answer
     assert [t.present for t in msg.targets] == [True, True, False]
     for target, truth in zip(msg.targets[:2], masks[:2], strict=True):
