@@ -63,7 +63,7 @@ from gsva_ros.model.preprocess import (
     sam_preprocess,
     sam_resized_size,
 )
-from gsva_ros.model.prompt import answer_text, encode_conversation
+from gsva_ros.model.prompt import answer_text, encode_conversation, miscopied_slots
 from gsva_ros.model.text import (
     DEFAULT_MAX_COMMAND_CHARS,
     DEFAULT_MAX_EXPRESSIONS,
@@ -129,6 +129,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 COMPILE_MODES = ("auto", "on", "off", "graphs", "inductor")
 TEXT_BUDGET = 192  # question + answer skeleton tokens the static KV cache is sized for
+# How a result's note starts when generate wrote another phrase than the one asked for.
+MISCOPIED_NOTE = "generate wrote"
 # ``generate`` may run this many tokens past the template's answer length before it is cut off:
 # a GSVA answer is the skeleton with one choice per slot, so a model still talking by then is
 # looping (the tiny model sometimes never emits </s>), and every extra token is a full LLM step.
@@ -297,6 +299,7 @@ class GSVAEngine:
         static_capacity: int | None = None,
         presence_threshold: float | None = None,
         reject_empty_masks: bool = True,
+        check_generated_phrases: bool = True,
     ) -> None:
         """Load the model and set up caches.
 
@@ -316,6 +319,9 @@ class GSVAEngine:
         the attribute can be changed between calls. ``reject_empty_masks``: a ``[SEG]`` whose
         mask keeps no object of ``min_object_area`` pixels is reported absent (score = the
         ``[REJ]`` share) and the result's note says so; False = GSVA's answer as is.
+        ``check_generated_phrases``: ``generate`` falls back to slot decoding (and says so in
+        the note) when a slot's written text does not name its expression, since that slot's
+        mask would follow the phrase the model wrote, not the one asked for.
         """
         if decoding not in DECODINGS:
             raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
@@ -366,6 +372,7 @@ class GSVAEngine:
         )
         check_presence_threshold(self.presence_threshold)
         self.reject_empty_masks = reject_empty_masks
+        self.check_generated_phrases = check_generated_phrases
         self.stats = EngineStats()
         self._warnings: list[str] = []  # fallbacks taken by the captured encoders/decoder
         self._frames: OrderedDict[Hashable, FrameFeatures] = OrderedDict()
@@ -733,12 +740,20 @@ class GSVAEngine:
                            presence_threshold=threshold)
             response = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False).strip()
             slots = gen.slots
-            if len(slots) == len(expressions):
+            if len(slots) != len(expressions):
+                note = (
+                    f"generate produced {len(slots)} slot(s) for {len(expressions)} "
+                    f"expression(s); answered with slot decoding instead"
+                )
+            elif self.check_generated_phrases and (bad := miscopied_slots(response, expressions)):
+                i, written = bad[0]
+                more = f" (and {len(bad) - 1} more slot(s))" if len(bad) > 1 else ""
+                note = (
+                    f"{MISCOPIED_NOTE} {written!r} for {expressions[i]!r}{more}; answered with "
+                    f"slot decoding instead"
+                )
+            else:
                 return slots, response, decoding, note
-            note = (
-                f"generate produced {len(slots)} slot(s) for {len(expressions)} "
-                f"expression(s); answered with slot decoding instead"
-            )
             state.crop(p)
         decode = decode_slots_speculative if self.slot_decoding == "speculative" else decode_slots
         slots = decode(m, conv.ids, conv.slot_positions, p, state, stats=passes,

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from gsva_ros.data.grefcoco import RefSample, group_by_image
+from gsva_ros.engine import MISCOPIED_NOTE
 from gsva_ros.metrics import GRESMetrics
 
 
@@ -47,10 +48,11 @@ def evaluate(
     """Run ``engine`` over ``samples`` → (metrics summary, run statistics).
 
     Run statistics: ``images``, ``conversations``, ``fallbacks`` (generate → slots),
+    ``miscopied`` (those fallbacks taken because a written phrase was not the one asked for),
     ``latency_ms`` (list of per-conversation totals).
     """
     metrics = GRESMetrics(protocol)
-    stats = {"images": 0, "conversations": 0, "fallbacks": 0, "latency_ms": []}
+    stats = {"images": 0, "conversations": 0, "fallbacks": 0, "miscopied": 0, "latency_ms": []}
     images = set()
     for image_id, image, refs, command in _conversations(engine, samples, "eval", progress):
         images.add(image_id)
@@ -62,7 +64,9 @@ def evaluate(
             masks_for_rejected=protocol == "lenient",
         )
         stats["conversations"] += 1
-        stats["fallbacks"] += int(result.decoding != (decoding or engine.decoding))
+        fell_back = result.decoding != (decoding or engine.decoding)
+        stats["fallbacks"] += int(fell_back)
+        stats["miscopied"] += int(fell_back and result.note.startswith(MISCOPIED_NOTE))
         stats["latency_ms"].append(result.timings_ms.get("total", 0.0))
         _add(metrics, refs, [r.load_mask() for r in refs], result)
     stats["images"] = len(images)

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if not samples:
         return 2
     engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding,
-                        reject_empty_masks=not args.keep_empty_masks)
+                        reject_empty_masks=not args.keep_empty_masks,
+                        check_generated_phrases=not args.unchecked_phrases)
     before = engine.config.presence_threshold
     sweep = presence_sweep(engine, samples, args.thresholds, args.protocol, args.decoding)
     best = best_threshold(sweep, args.criterion)

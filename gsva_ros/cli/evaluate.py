@@ -21,6 +21,9 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=["strict", "lenient"], default="strict")
     p.add_argument("--keep-empty-masks", action="store_true",
                    help="keep a [SEG] whose mask is empty as present (GSVA's answer as is)")
+    p.add_argument("--unchecked-phrases", action="store_true",
+                   help="generate: keep an answer whose slot text does not name its expression "
+                        "(no fallback to slot decoding)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
 
@@ -62,18 +65,22 @@ def run(args: argparse.Namespace) -> int:
         return 2
     engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding,
                         presence_threshold=args.presence_threshold,
-                        reject_empty_masks=not args.keep_empty_masks)
+                        reject_empty_masks=not args.keep_empty_masks,
+                        check_generated_phrases=not args.unchecked_phrases)
     summary, stats = evaluate(engine, samples, args.protocol, args.decoding)
     lat = np.asarray(stats["latency_ms"] or [0.0])
     print(f"model {engine.model_name} | decoding {args.decoding} | protocol {args.protocol} | "
           f"presence threshold {engine.presence_threshold:g} | empty masks "
-          f"{'rejected' if engine.reject_empty_masks else 'kept'}")
+          f"{'rejected' if engine.reject_empty_masks else 'kept'}"
+          + (f" | phrase check {'on' if engine.check_generated_phrases else 'off'}"
+             if args.decoding == "generate" else ""))
     print(format_table(summary))
     if summary["per_kind"]:  # the data names each sentence's kind (the synthetic scenes do)
         print(format_table({k: v for k, v in summary.items() if k != "protocol"}, "per_kind"))
     print(
         f"images {stats['images']}  conversations {stats['conversations']}  "
-        f"fallbacks {stats['fallbacks']}  latency p50 {np.percentile(lat, 50):.1f} ms  "
+        f"fallbacks {stats['fallbacks']} ({stats['miscopied']} for mis-copied phrases)  "
+        f"latency p50 {np.percentile(lat, 50):.1f} ms  "
         f"p95 {np.percentile(lat, 95):.1f} ms"
     )
     if args.json:

@@ -20,6 +20,7 @@ and :func:`encode_conversation` re-checks that no special token came from it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gsva_ros.model.config import IMAGE_TOKEN_INDEX, GSVAConfig
@@ -50,6 +51,41 @@ def prompt_text(expressions: list[str]) -> str:
     """Everything up to and including ``ASSISTANT:`` (what generation starts from)."""
     user = f"{IM_START}{IMAGE}{IM_END}\n{question_text(expressions)}"
     return f"{SYSTEM} USER: {user} ASSISTANT:"
+
+
+_SLOT_TOKEN = re.compile(r"\[(?:SEG|REJ)\]")
+_NON_WORD = re.compile(r"[\W_]+")
+
+
+def _words(text: str) -> str:
+    return " ".join(_NON_WORD.sub(" ", text.lower()).split())
+
+
+def slot_texts(answer: str) -> list[str]:
+    """The text written before each ``[SEG]``/``[REJ]`` of a generated answer, one per slot
+    (for the first slot, from the start of the answer)."""
+    return _SLOT_TOKEN.split(answer)[:-1]
+
+
+def miscopied_slots(answer: str, expressions: list[str]) -> list[tuple[int, str]]:
+    """Slots of a generated ``answer`` whose own text does not name their expression.
+
+    GSVA's mask prompt is the state just before ``[SEG]``, so a slot written as "the blue
+    square:[SEG]" when "the red circle" was asked segments the blue square and reports it as
+    the red circle. Slot ``i`` passes when the words of ``expressions[i]`` appear, in order and
+    contiguous, in the text between slot ``i - 1`` and slot ``i`` (case and punctuation
+    ignored), which accepts every answer style GSVA was trained on ("e:[SEG]", "the mask of e
+    is [SEG]", …). Returns ``(slot index, written text)`` for each failing slot; slots beyond
+    the shorter of the two lists are not checked (the caller compares the counts).
+    """
+    bad = []
+    for i, (text, expr) in enumerate(zip(slot_texts(answer), expressions, strict=False)):
+        if f" {_words(expr)} " not in f" {_words(text)} ":
+            written = text.strip(" ,:")
+            if written.startswith(ANSWER_START):  # the slot's own words are what matters
+                written = written[len(ANSWER_START):]
+            bad.append((i, written))
+    return bad
 
 
 @dataclass

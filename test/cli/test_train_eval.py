@@ -72,7 +72,15 @@ def test_eval_cli_json(small_data, small_config, tmp_path, capsys):
         kinds = result["per_kind"]
         assert sum(k["count"] for k in kinds.values()) == result["count"]
         assert all((k["n_acc"] is None) != name.startswith("absent-") for name, k in kinds.items())
-    # a threshold no [SEG] share reaches rejects every expression
+    # generate: the header says whether written phrases are checked, the summary counts
+    # fallbacks by reason (an unchecked run never falls back for a mis-copied phrase)
+    for flag, state in (([], "on"), (["--unchecked-phrases"], "off")):
+        assert main(["eval", "--data", str(small_data), "--model", str(out), "--limit", "6",
+                     "--decoding", "generate", *flag]) == 0
+        text = capsys.readouterr().out
+        assert "decoding generate | protocol strict" in text and f"phrase check {state}" in text
+        if state == "off":
+            assert "(0 for mis-copied phrases)" in text
     assert main(["eval", "--data", str(small_data), "--model", str(out),
                  "--presence-threshold", "0.999999", "--json"]) == 0
     text = capsys.readouterr().out

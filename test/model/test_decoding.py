@@ -105,6 +105,30 @@ def test_generate_falls_back_to_slots_on_wrong_slot_count(
     assert all(t.present for t in res.targets)
 
 
+@pytest.mark.parametrize("check", [True, False])
+def test_generate_falls_back_to_slots_when_a_slot_names_another_phrase(
+    tiny_model, tiny_tokenizer, scripted, rgb_image, check
+):
+    cfg = tiny_model.config
+    # the model writes "b" where "a" was asked: the first mask would follow "b"
+    # (generation stops at the second slot; the calls after it are slot decoding's)
+    script = _script_tokens(tiny_tokenizer, " Sure, they are b:[SEG], b:[REJ]")
+    script += [{cfg.seg_token_id: 0.0, cfg.rej_token_id: 1.0}]
+    scripted(script)
+    engine = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", dtype="float32",
+                        check_generated_phrases=check)
+    res = engine.segment(rgb_image, "a, b", decoding="generate")
+    if check:
+        assert res.decoding == "slots"
+        assert res.note == "generate wrote 'b' for 'a'; answered with slot decoding instead"
+        assert res.response == "Sure, they are a:[REJ], b:[REJ]."
+        assert [t.present for t in res.targets] == [False, False]
+    else:  # GSVA's answer as is
+        assert res.decoding == "generate" and res.note == ""
+        assert res.response == "Sure, they are b:[SEG], b:[REJ]"
+        assert [t.present for t in res.targets] == [True, False]
+
+
 def test_generate_stops_at_max_new_tokens(tiny_model, tiny_tokenizer, scripted):
     cfg = tiny_model.config
     scripted([{7: 3.0}])  # never EOS

@@ -3,7 +3,14 @@
 import pytest
 
 from gsva_ros.model.config import IMAGE_TOKEN_INDEX, gsva_7b, gsva_13b
-from gsva_ros.model.prompt import SYSTEM, answer_text, encode_conversation, prompt_text
+from gsva_ros.model.prompt import (
+    SYSTEM,
+    answer_text,
+    encode_conversation,
+    miscopied_slots,
+    prompt_text,
+    slot_texts,
+)
 
 
 def test_prompt_and_answer_strings():
@@ -12,6 +19,38 @@ def test_prompt_and_answer_strings():
         "What are e1, e2 in this image? Please output segmentation masks. ASSISTANT:"
     )
     assert answer_text(["e1", "e2"], [True, False]) == "Sure, they are e1:[SEG], e2:[REJ]."
+
+
+def test_slot_texts_split_a_generated_answer_at_its_slot_tokens():
+    assert slot_texts("Sure, they are e1:[SEG], e2:[REJ].") == ["Sure, they are e1:", ", e2:"]
+    assert slot_texts("Sure, no slot.") == []
+
+
+@pytest.mark.parametrize("answer", [
+    # the five answer styles GSVA trains with (gsva_reference.md §1.2), any case and spacing
+    "Sure, they are the red mug:[SEG], the Spoon:[REJ].",
+    "The segmentation results are the red mug [SEG], the spoon [REJ].",
+    "Sure, the mask of the red mug is [SEG], the mask of the spoon is [REJ].",
+    "Sure, the segmentation of the red  mug is [SEG], the segmentation of the spoon. is [REJ]",
+    "Sure, the referred the red mug is [SEG], the referred the spoon is [SEG].",
+])
+def test_a_slot_that_names_its_expression_passes_in_any_trained_answer_style(answer):
+    assert miscopied_slots(answer, ["the red mug", "the spoon"]) == []
+
+
+def test_a_slot_written_for_another_phrase_is_reported_with_what_was_written():
+    asked = ["the red mug", "the mug"]
+    # the second slot repeats the first phrase; a word inside a longer phrase is not a copy
+    assert miscopied_slots("Sure, they are the red mug:[SEG], the red mug:[SEG].", asked) == [
+        (1, "the red mug")]
+    # phrases in another order than asked: each slot's mask would go to the other expression
+    assert miscopied_slots("Sure, they are the mug:[SEG], the red mug:[SEG].", asked) == [
+        (0, "the mug"), (1, "the red mug")]
+    assert miscopied_slots("Sure, they are the mugs:[REJ], the mug:[SEG].", ["the mug"] * 2) == [
+        (0, "the mugs")]
+    # a phrase said in the previous slot's text does not count for this one
+    assert miscopied_slots("Sure, they are the mug and the red mug:[SEG], [SEG].", asked) == [
+        (1, "")]
 
 
 def test_official_token_ids():

@@ -17,7 +17,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gsva_ros.model.config import IMAGE_TOKEN_INDEX
-from gsva_ros.model.prompt import EOS, IMAGE, answer_text, encode_conversation, prompt_text
+from gsva_ros.model.prompt import (
+    EOS,
+    IMAGE,
+    answer_text,
+    encode_conversation,
+    miscopied_slots,
+    prompt_text,
+)
 from gsva_ros.model.text import (
     DEFAULT_MAX_EXPRESSION_CHARS,
     DEFAULT_MAX_EXPRESSIONS,
@@ -167,6 +174,8 @@ def test_answer_skeleton_and_slot_parsing_round_trip(tiny_tokenizer, tiny_config
     # And the answer decodes to exactly the answer text (what the node publishes).
     decoded = tiny_tokenizer.decode(answer_ids, skip_special_tokens=False)
     assert decoded == " " + answer_text(expressions, present) + EOS
+    # A faithful answer never trips generate's phrase check, whatever the expressions are.
+    assert miscopied_slots(decoded, expressions) == []
     text = answer_text(expressions, present)
     assert text.count("[SEG]") == sum(present) and text.count("[REJ]") == n - sum(present)
 
