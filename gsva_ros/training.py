@@ -1,8 +1,9 @@
 """GSVA training (``gsva_reference.md`` §4) for the tiny model and for full-size fine-tuning.
 
 - Samples: one image with up to ``max_slots`` referring expressions drawn from its refs in one
-  conversation; absent targets are ``[REJ]`` slots; draws without any ``[SEG]`` are redrawn
-  (every conversation has at least one target, as GSVA).
+  conversation (optionally a count drawn from ``min_slots..max_slots``); absent targets are
+  ``[REJ]`` slots; draws without any ``[SEG]`` are redrawn (every conversation has at least
+  one target, as GSVA).
 - Loss: CE on the answer tokens + 2.0·BCE + 0.5·DICE on masks (``GSVAModel.forward_train``).
 - Optimiser: AdamW (betas 0.9/0.95, no weight decay), linear warm-up then linear decay to 0,
   gradient clipping 1.0; fp32 or bf16 autocast.
@@ -47,6 +48,10 @@ class TrainOptions:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     max_slots: int = 5
+    # 0 = GSVA's draw: every conversation takes max_slots expressions (all the image has when
+    # fewer). N >= 1: the count is drawn uniformly from N..max_slots per conversation, so the
+    # model also sees the short commands a robot gets.
+    min_slots: int = 0
     precision: str = "fp32"  # fp32 | bf16
     save_every: int = 500
     log_every: int = 10
@@ -110,10 +115,14 @@ class GRESTrainDataset(torch.utils.data.Dataset):
     """Yields one conversation per image: tokens, labels, preprocessed images, GT masks."""
 
     def __init__(
-        self, images: list[ImageRefs], tokenizer, config: GSVAConfig, max_slots: int, seed: int
+        self, images: list[ImageRefs], tokenizer, config: GSVAConfig, max_slots: int, seed: int,
+        min_slots: int = 0,
     ):
+        if not 0 <= min_slots <= max_slots or max_slots < 1:
+            raise ValueError(f"need 0 <= min_slots <= max_slots and max_slots >= 1, got "
+                             f"{min_slots} and {max_slots}")
         self.images, self.tokenizer, self.config = images, tokenizer, config
-        self.max_slots, self.seed = max_slots, seed
+        self.max_slots, self.min_slots, self.seed = max_slots, min_slots, seed
         self.epoch = 0
         # Set by the training loop during the curriculum phase (see TrainOptions).
         self.single_only = False
@@ -133,9 +142,12 @@ class GRESTrainDataset(torch.utils.data.Dataset):
             singles = [i for i in order if g.samples[i].case != "multi"]
             if any(g.samples[i].case == "single" for i in singles):
                 order = singles
+        n_slots = self.max_slots
+        if self.min_slots:
+            n_slots = rng.randint(min(self.min_slots, len(order)), min(self.max_slots, len(order)))
         while True:  # at least one [SEG] per conversation
             rng.shuffle(order)
-            pick = order[: self.max_slots]
+            pick = order[:n_slots]
             if any(not g.samples[i].no_target for i in pick):
                 break
         image = np.asarray(Image.open(g.image_path).convert("RGB"))
@@ -436,7 +448,8 @@ def train(
     images = group_images(samples)
     if not images:
         raise ValueError("training data has no image with a present target")
-    dataset = GRESTrainDataset(images, tokenizer, model.config, opts.max_slots, opts.seed)
+    dataset = GRESTrainDataset(images, tokenizer, model.config, opts.max_slots, opts.seed,
+                               opts.min_slots)
     if opts.category_weight > 0:
         dataset.category_index = category_classes(samples)
         if len(dataset.category_index) < 2:

@@ -50,6 +50,29 @@ def test_single_first_leaves_multi_target_expressions_out(data, small):
     assert "multi" in seen[False]
 
 
+def test_min_slots_draws_every_count_up_to_max_slots_and_keeps_a_target(data, small):
+    cfg, tok = small
+    images = group_images(data)
+    have = [len(g.samples) for g in images]
+    assert max(have) >= 3
+    counts = {True: set(), False: set()}
+    for vary in (True, False):
+        ds = GRESTrainDataset(images, tok, cfg, max_slots=3, seed=0, min_slots=1 if vary else 0)
+        for epoch in range(6):
+            ds.epoch = epoch
+            for i, g in enumerate(images):
+                it = ds[i]
+                counts[vary].add((len(g.samples) >= 3, len(it["picked"])))
+                assert len(set(it["picked"])) == len(it["picked"])  # without replacement
+                assert any(not g.samples[j].no_target for j in it["picked"])
+                assert int(it["labels"].eq(cfg.seg_token_id).sum()) >= 1
+    # GSVA's draw: an image with enough expressions always fills max_slots
+    assert {n for full, n in counts[False] if full} == {3}
+    assert {n for full, n in counts[True] if full} == {1, 2, 3}
+    with pytest.raises(ValueError, match="min_slots"):
+        GRESTrainDataset(images, tok, cfg, max_slots=3, seed=0, min_slots=4)
+
+
 def test_parameter_groups_split_off_prompt_encoder_and_decoder(small):
     cfg, _ = small
     model = GSVAModel(cfg)

@@ -28,6 +28,10 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--max-slots", type=int, default=5, help="expressions per conversation")
+    p.add_argument("--min-slots", type=int, default=0,
+                   help="draw each conversation's expression count uniformly from "
+                        "MIN_SLOTS..MAX_SLOTS (0 = always MAX_SLOTS when the image has them, "
+                        "as GSVA)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--vocab-size", type=int, default=512, help="tiny tokenizer size")
@@ -151,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         bad.append("--phrase-aux must be >= 0")
     if args.category_aux < 0:
         bad.append("--category-aux must be >= 0")
+    if args.max_slots < 1 or not 0 <= args.min_slots <= args.max_slots:
+        bad.append("need --max-slots >= 1 and 0 <= --min-slots <= --max-slots")
     if args.aux_lm_rows < 1:
         bad.append("--aux-lm-rows must be >= 1")
     if bad:
@@ -179,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         warmup_steps=args.warmup,
         max_slots=args.max_slots,
+        min_slots=args.min_slots,
         precision=args.precision,
         save_every=args.save_every,
         seed=args.seed,
