@@ -747,6 +747,7 @@ class GSVAEngine:
                 )
             elif self.check_generated_phrases and (bad := miscopied_slots(response, expressions)):
                 i, written = bad[0]
+                written = written if len(written) <= 80 else written[:79] + "…"
                 more = f" (and {len(bad) - 1} more slot(s))" if len(bad) > 1 else ""
                 note = (
                     f"{MISCOPIED_NOTE} {written!r} for {expressions[i]!r}{more}; answered with "

@@ -55,9 +55,9 @@ class SegmentationResult:
 
     ``response`` is the model's answer text (e.g. ``"Sure, they are red mug:[SEG], knife:[REJ]."``).
     ``note`` is empty unless the engine deviated from the model's plain answer: generate mode
-    producing the wrong slot count falls back to slot decoding, and a ``[SEG]`` whose mask
-    kept no object is reported absent (``GSVAEngine(reject_empty_masks=True)``); both say so
-    here.
+    producing the wrong slot count, or a slot whose text does not name its expression, falls
+    back to slot decoding, and a ``[SEG]`` whose mask kept no object is reported absent
+    (``GSVAEngine(reject_empty_masks=True)``); both say so here.
     ``timings_ms`` holds per-stage wall times (``sam``, ``clip``, ``prefill``, ``decode``,
     ``masks``, ``total``); stages served from the frame cache are reported as 0.
     """

@@ -98,6 +98,7 @@ class ReplayOptions:
     decoding: str = "slots"
     presence_threshold: float = 0.0  # 0 → the model's own
     reject_empty_masks: bool = True  # an empty [SEG] mask → absent (node parameter)
+    check_generated_phrases: bool = True  # generate: mis-copied phrase → slots (node parameter)
     protocol: str = "strict"
     storage: str | None = None  # None → same as the input
     overwrite: bool = False
@@ -507,6 +508,7 @@ def _realtime(bag: BagReader, out: BagWriter, opts: ReplayOptions, copied: set[s
         "model": str(opts.model), "device": opts.device, "dtype": opts.dtype,
         "decoding": opts.decoding, "presence_threshold": float(opts.presence_threshold),
         "reject_empty_masks": bool(opts.reject_empty_masks),
+        "check_generated_phrases": bool(opts.check_generated_phrases),
         "mode": opts.mode, "max_rate_hz": float(opts.max_rate_hz),
         "max_image_age_s": float(opts.max_image_age_s), "publish_overlay": bool(opts.overlay),
         "use_sim_time": True,
@@ -699,7 +701,8 @@ def replay(bag_path: str | os.PathLike, out_path: str | os.PathLike,
             engine = GSVAEngine(opts.model, device=opts.device, dtype=opts.dtype,
                                 decoding=opts.decoding,
                                 presence_threshold=opts.presence_threshold or None,
-                                reject_empty_masks=opts.reject_empty_masks)
+                                reject_empty_masks=opts.reject_empty_masks,
+                                check_generated_phrases=opts.check_generated_phrases)
         if engine is not None:
             report.model_name = engine.model_name
         with BagWriter(out_path, storage, opts.overwrite) as out:

@@ -74,6 +74,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str) -> argparse.Ar
     p.add_argument("--keep-empty-masks", action="store_true",
                    help="node parameter reject_empty_masks=false: keep a [SEG] whose mask "
                         "found no object as present (GSVA's answer as is)")
+    p.add_argument("--unchecked-phrases", action="store_true",
+                   help="node parameter check_generated_phrases=false: with --decoding "
+                        "generate, keep an answer whose slot text does not name its expression")
     p.add_argument("--protocol", choices=["strict", "lenient"], default="strict",
                    help="GRES protocol for the metrics (lenient: lockstep only)")
     p.add_argument("--device", default="auto")
@@ -106,6 +109,7 @@ def options_from_args(args: argparse.Namespace) -> object:
         decoding=args.decoding,
         presence_threshold=args.presence_threshold,
         reject_empty_masks=not args.keep_empty_masks,
+        check_generated_phrases=not args.unchecked_phrases,
         protocol=args.protocol,
         storage=args.storage,
         overwrite=args.overwrite,

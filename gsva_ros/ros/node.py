@@ -222,6 +222,13 @@ PARAMETERS: dict[str, ParamSpec] = {
         "of min_object_area pixels (false = GSVA's answer as is).",
         _boolean(),
     ),
+    "check_generated_phrases": _spec(
+        True,
+        "decoding generate: answer with slot decoding when a slot's written text does not name "
+        "its expression (that mask would follow the phrase the model wrote); false = the "
+        "answer as written.",
+        _boolean(),
+    ),
     "instance_split": _spec(
         True, "Split each target's mask into connected objects (label k = object k).",
         _boolean(),
@@ -774,6 +781,7 @@ class GSVANode(LifecycleNode):
         engine.presence_threshold = threshold or engine.config.presence_threshold
         engine.min_object_area = int(self._param("min_object_area"))
         engine.reject_empty_masks = bool(self._param("reject_empty_masks"))
+        engine.check_generated_phrases = bool(self._param("check_generated_phrases"))
         engine.max_expressions = int(self._param("max_expressions"))
         engine.max_command_chars = int(self._param("max_command_chars"))
         return engine.segment(rgb, command, frame_key=key, decoding=self._param("decoding"))

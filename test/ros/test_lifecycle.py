@@ -78,6 +78,7 @@ GOOD_VALUES = {
     "max_rate_hz": 5,  # an integer is accepted for a float parameter
     "max_image_age_s": 0.5,
     "instance_split": False,
+    "check_generated_phrases": False,
     "min_object_area": 0,
     "max_expressions": 8,
     "max_command_chars": 200,
