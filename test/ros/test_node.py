@@ -445,3 +445,38 @@ def test_an_empty_seg_mask_is_published_absent_with_a_note_unless_reject_empty_m
         assert all(len(t.objects) == 0 and not any(t.mask.data) for t in kept.targets)
     finally:
         h.set_params(presence_threshold=0.0, reject_empty_masks=True)
+
+
+def test_a_generated_answer_naming_another_phrase_is_answered_by_slot_decoding_with_a_note(
+    h, monkeypatch
+):
+    import torch
+
+    from gsva_ros import engine as engine_module
+    from gsva_ros.model.decoding import Generation, SlotDecision
+
+    engine = h.node._engine
+    written = "Sure, they are the spoon:[SEG], the spoon:[SEG]"  # "the red mug" never written
+    ids = engine.tokenizer(" " + written, add_special_tokens=False)["input_ids"]
+    decision = SlotDecision(present=True, score=0.9, argmax_is_slot=True,
+                            hidden=torch.zeros(engine.config.hidden_size))
+
+    def miscopying_generate(*args, **kwargs):
+        return Generation(list(ids), [decision, decision], True)
+
+    monkeypatch.setattr(engine_module, "generate", miscopying_generate)
+    h.publish_image()
+    try:
+        h.set_params(decoding="generate")
+        answer = h.ask("the red mug, the spoon")
+        assert answer.error == ""
+        assert answer.note.startswith(
+            "generate wrote 'the spoon' for 'the red mug'; answered with slot decoding instead")
+        assert answer.response.startswith("Sure, they are the red mug:")
+        assert [t.phrase for t in answer.targets] == ["the red mug", "the spoon"]
+        h.set_params(check_generated_phrases=False)  # the answer as written
+        kept = h.ask("the red mug, the spoon")
+        assert kept.error == "" and kept.response == written
+        assert "generate wrote" not in kept.note
+    finally:
+        h.set_params(decoding="slots", check_generated_phrases=True)
