@@ -52,12 +52,16 @@ def run(args: argparse.Namespace) -> int:
     from gsva_ros.metrics import percent as pct
     from gsva_ros.model.config import GSVAConfig
 
+    if args.min_object_area < 0:
+        print(f"error: --min-object-area must be >= 0, got {args.min_object_area}")
+        return 2
     samples = load_samples(args)
     if not samples:
         return 2
     engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding,
                         reject_empty_masks=not args.keep_empty_masks,
-                        check_generated_phrases=not args.unchecked_phrases)
+                        check_generated_phrases=not args.unchecked_phrases,
+                        min_object_area=args.min_object_area)
     before = engine.config.presence_threshold
     sweep = presence_sweep(engine, samples, args.thresholds, args.protocol, args.decoding)
     best = best_threshold(sweep, args.criterion)

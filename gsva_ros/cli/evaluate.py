@@ -21,6 +21,9 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=["strict", "lenient"], default="strict")
     p.add_argument("--keep-empty-masks", action="store_true",
                    help="keep a [SEG] whose mask is empty as present (GSVA's answer as is)")
+    p.add_argument("--min-object-area", type=int, default=16, metavar="PX",
+                   help="node parameter min_object_area: objects smaller than this are dropped "
+                        "as speckle (default 16)")
     p.add_argument("--unchecked-phrases", action="store_true",
                    help="generate: keep an answer whose slot text does not name its expression "
                         "(no fallback to slot decoding)")
@@ -60,17 +63,22 @@ def run(args: argparse.Namespace) -> int:
     if threshold is not None and not 0.0 < threshold < 1.0:
         print(f"error: --presence-threshold must be in (0, 1), got {threshold}")
         return 2
+    if args.min_object_area < 0:
+        print(f"error: --min-object-area must be >= 0, got {args.min_object_area}")
+        return 2
     samples = load_samples(args)
     if not samples:
         return 2
     engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding,
                         presence_threshold=args.presence_threshold,
                         reject_empty_masks=not args.keep_empty_masks,
-                        check_generated_phrases=not args.unchecked_phrases)
+                        check_generated_phrases=not args.unchecked_phrases,
+                        min_object_area=args.min_object_area)
     summary, stats = evaluate(engine, samples, args.protocol, args.decoding)
     lat = np.asarray(stats["latency_ms"] or [0.0])
     print(f"model {engine.model_name} | decoding {args.decoding} | protocol {args.protocol} | "
-          f"presence threshold {engine.presence_threshold:g} | empty masks "
+          f"presence threshold {engine.presence_threshold:g} | min object area "
+          f"{engine.min_object_area} px | empty masks "
           f"{'rejected' if engine.reject_empty_masks else 'kept'}"
           + (f" | phrase check {'on' if engine.check_generated_phrases else 'off'}"
              if args.decoding == "generate" else ""))

@@ -90,6 +90,15 @@ def test_eval_cli_json(small_data, small_config, tmp_path, capsys):
     assert main(["eval", "--data", str(small_data), "--model", str(out),
                  "--presence-threshold", "1"]) == 2
     assert "--presence-threshold must be in (0, 1)" in capsys.readouterr().out
+    # the node's speckle filter: an area no object reaches leaves every [SEG] empty → absent
+    assert main(["eval", "--data", str(small_data), "--model", str(out),
+                 "--min-object-area", str(10**9), "--json"]) == 0
+    text = capsys.readouterr().out
+    assert f"min object area {10**9} px" in text
+    assert json.loads(text.strip().splitlines()[-1])["t_acc"] == 0.0
+    assert main(["eval", "--data", str(small_data), "--model", str(out),
+                 "--min-object-area", "-1"]) == 2
+    assert "--min-object-area must be >= 0" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
