@@ -46,14 +46,14 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gsva_ros.cli.evaluate import load_samples
+    from gsva_ros.cli.evaluate import dataset_args_error, load_samples
     from gsva_ros.engine import GSVAEngine, resolve_model_dir
     from gsva_ros.evaluation import best_threshold, presence_sweep
     from gsva_ros.metrics import percent as pct
     from gsva_ros.model.config import GSVAConfig
 
-    if args.min_object_area < 0:
-        print(f"error: --min-object-area must be >= 0, got {args.min_object_area}")
+    if error := dataset_args_error(args):
+        print(f"error: {error}")
         return 2
     samples = load_samples(args)
     if not samples:

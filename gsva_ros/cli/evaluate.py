@@ -40,6 +40,13 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
     return p
 
 
+def dataset_args_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options :func:`add_dataset_args` added (None = nothing)."""
+    if args.min_object_area < 0:
+        return f"--min-object-area must be >= 0, got {args.min_object_area}"
+    return None
+
+
 def load_samples(args: argparse.Namespace) -> list:
     """The expressions ``--data/--images/--split/--limit`` select (printed error when none)."""
     from gsva_ros.data.grefcoco import load_grefcoco
@@ -63,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if threshold is not None and not 0.0 < threshold < 1.0:
         print(f"error: --presence-threshold must be in (0, 1), got {threshold}")
         return 2
-    if args.min_object_area < 0:
-        print(f"error: --min-object-area must be >= 0, got {args.min_object_area}")
+    if error := dataset_args_error(args):
+        print(f"error: {error}")
         return 2
     samples = load_samples(args)
     if not samples:

@@ -53,7 +53,7 @@ def prompt_text(expressions: list[str]) -> str:
     return f"{SYSTEM} USER: {user} ASSISTANT:"
 
 
-_SLOT_TOKEN = re.compile(r"\[(?:SEG|REJ)\]")
+_SLOT_TOKEN = re.compile("|".join(re.escape(t) for t in (SEG, REJ)))
 _NON_WORD = re.compile(r"[\W_]+")
 
 
