@@ -69,7 +69,7 @@ from gsva_ros.model.text import (
     DEFAULT_MAX_EXPRESSIONS,
     split_command,
 )
-from gsva_ros.result import SegmentationResult, Target
+from gsva_ros.result import FALLBACK_MISCOPIED, FALLBACK_SLOT_COUNT, SegmentationResult, Target
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 COMPILE_MODES = ("auto", "on", "off", "graphs", "inductor")
 TEXT_BUDGET = 192  # question + answer skeleton tokens the static KV cache is sized for
-# How a result's note starts when generate wrote another phrase than the one asked for.
-MISCOPIED_NOTE = "generate wrote"
 # ``generate`` may run this many tokens past the template's answer length before it is cut off:
 # a GSVA answer is the skeleton with one choice per slot, so a model still talking by then is
 # looping (the tiny model sometimes never emits </s>), and every extra token is a full LLM step.
@@ -688,13 +686,13 @@ class GSVAEngine:
         passes: dict[str, int] = {}
         try:
             try:
-                slots, response, decoding, note = self._decode(
+                slots, response, decoding, note, fallback = self._decode(
                     state, frame, conv, expressions, decoding, passes
                 )
             except CapacityError:  # static cache too small after all: answer eagerly
                 state.crop(frame.prefix_len)
                 state = self._state(frame, self._static.capacity + 1 if self._static else 0)
-                slots, response, decoding, note = self._decode(
+                slots, response, decoding, note, fallback = self._decode(
                     state, frame, conv, expressions, decoding, passes
                 )
         finally:
@@ -723,16 +721,17 @@ class GSVAEngine:
             image_size=(int(image.shape[0]), int(image.shape[1])),
             decoding=decoding,
             note=note,
+            fallback=fallback,
             frame_cached=cached,
             timings_ms=t,
         )
 
     def _decode(self, state: LanguageState, frame: FrameFeatures, conv, expressions: list[str],
                 decoding: str, passes: dict[str, int]):
-        """→ (slots, response text, decoding actually used, note)."""
+        """→ (slots, response text, decoding actually used, note, fallback reason)."""
         m, p = self.model, frame.prefix_len
         threshold = check_presence_threshold(self.presence_threshold)
-        note = ""
+        note = fallback = ""
         if decoding == "generate":
             prompt_ids = conv.ids[: conv.prompt_len]
             gen = generate(m, prompt_ids, p, state, self.generate_budget(conv),
@@ -741,6 +740,7 @@ class GSVAEngine:
             response = self.tokenizer.decode(gen.token_ids, skip_special_tokens=False).strip()
             slots = gen.slots
             if len(slots) != len(expressions):
+                fallback = FALLBACK_SLOT_COUNT
                 note = (
                     f"generate produced {len(slots)} slot(s) for {len(expressions)} "
                     f"expression(s); answered with slot decoding instead"
@@ -749,17 +749,19 @@ class GSVAEngine:
                 i, written = bad[0]
                 written = written if len(written) <= 80 else written[:79] + "…"
                 more = f" (and {len(bad) - 1} more slot(s))" if len(bad) > 1 else ""
+                fallback = FALLBACK_MISCOPIED
                 note = (
-                    f"{MISCOPIED_NOTE} {written!r} for {expressions[i]!r}{more}; answered with "
+                    f"generate wrote {written!r} for {expressions[i]!r}{more}; answered with "
                     f"slot decoding instead"
                 )
             else:
-                return slots, response, decoding, note
+                return slots, response, decoding, note, fallback
             state.crop(p)
         decode = decode_slots_speculative if self.slot_decoding == "speculative" else decode_slots
         slots = decode(m, conv.ids, conv.slot_positions, p, state, stats=passes,
                        presence_threshold=threshold)
-        return slots, answer_text(expressions, [s.present for s in slots]), "slots", note
+        text = answer_text(expressions, [s.present for s in slots])
+        return slots, text, "slots", note, fallback
 
     def generate_budget(self, conv) -> int:
         """Most tokens ``generate`` may produce for ``conv`` (its skeleton answer incl. EOS)."""

@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 
 from gsva_ros.data.grefcoco import RefSample, group_by_image
-from gsva_ros.engine import MISCOPIED_NOTE
 from gsva_ros.metrics import GRESMetrics
+from gsva_ros.result import FALLBACK_MISCOPIED
 
 
 def _conversations(engine, samples: Iterable[RefSample], desc: str, progress: bool):
@@ -64,9 +64,8 @@ def evaluate(
             masks_for_rejected=protocol == "lenient",
         )
         stats["conversations"] += 1
-        fell_back = result.decoding != (decoding or engine.decoding)
-        stats["fallbacks"] += int(fell_back)
-        stats["miscopied"] += int(fell_back and result.note.startswith(MISCOPIED_NOTE))
+        stats["fallbacks"] += int(bool(result.fallback))
+        stats["miscopied"] += int(result.fallback == FALLBACK_MISCOPIED)
         stats["latency_ms"].append(result.timings_ms.get("total", 0.0))
         _add(metrics, refs, [r.load_mask() for r in refs], result)
     stats["images"] = len(images)

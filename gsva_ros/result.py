@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Why a ``generate`` command was answered with slot decoding (``SegmentationResult.fallback``).
+FALLBACK_SLOT_COUNT = "slot_count"  # the answer had another number of slots than expressions
+FALLBACK_MISCOPIED = "miscopied_phrase"  # a slot's text named another expression
+
 
 @dataclass(frozen=True)
 class Box:
@@ -58,6 +62,8 @@ class SegmentationResult:
     producing the wrong slot count, or a slot whose text does not name its expression, falls
     back to slot decoding, and a ``[SEG]`` whose mask kept no object is reported absent
     (``GSVAEngine(reject_empty_masks=True)``); both say so here.
+    ``fallback`` says why ``generate`` was answered with slot decoding (``FALLBACK_*``; empty
+    when it was not), for tools that count the reasons without parsing ``note``.
     ``timings_ms`` holds per-stage wall times (``sam``, ``clip``, ``prefill``, ``decode``,
     ``masks``, ``total``); stages served from the frame cache are reported as 0.
     """
@@ -69,5 +75,6 @@ class SegmentationResult:
     image_size: tuple[int, int]
     decoding: str
     note: str = ""
+    fallback: str = ""
     frame_cached: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)

@@ -1,9 +1,9 @@
 """GSVA training (``gsva_reference.md`` §4) for the tiny model and for full-size fine-tuning.
 
 - Samples: one image with up to ``max_slots`` referring expressions drawn from its refs in one
-  conversation (optionally a count drawn from ``min_slots..max_slots``); absent targets are
-  ``[REJ]`` slots; draws without any ``[SEG]`` are redrawn (every conversation has at least
-  one target, as GSVA).
+  conversation (optionally, for a share of them, a count drawn from ``min_slots..max_slots``);
+  absent targets are ``[REJ]`` slots; draws without any ``[SEG]`` are redrawn (every
+  conversation has at least one target, as GSVA).
 - Loss: CE on the answer tokens + 2.0·BCE + 0.5·DICE on masks (``GSVAModel.forward_train``).
 - Optimiser: AdamW (betas 0.9/0.95, no weight decay), linear warm-up then linear decay to 0,
   gradient clipping 1.0; fp32 or bf16 autocast.
@@ -52,6 +52,10 @@ class TrainOptions:
     # fewer). N >= 1: the count is drawn uniformly from N..max_slots per conversation, so the
     # model also sees the short commands a robot gets.
     min_slots: int = 0
+    # With min_slots >= 1: the share of conversations whose count is drawn that way; the rest
+    # take GSVA's draw, so short commands are trained without giving up most of the slots (and
+    # [REJ] slots) a full conversation carries.
+    short_share: float = 1.0
     precision: str = "fp32"  # fp32 | bf16
     save_every: int = 500
     log_every: int = 10
@@ -116,13 +120,16 @@ class GRESTrainDataset(torch.utils.data.Dataset):
 
     def __init__(
         self, images: list[ImageRefs], tokenizer, config: GSVAConfig, max_slots: int, seed: int,
-        min_slots: int = 0,
+        min_slots: int = 0, short_share: float = 1.0,
     ):
         if not 0 <= min_slots <= max_slots or max_slots < 1:
             raise ValueError(f"need 0 <= min_slots <= max_slots and max_slots >= 1, got "
                              f"{min_slots} and {max_slots}")
+        if not 0.0 <= short_share <= 1.0:
+            raise ValueError(f"short_share must be in [0, 1], got {short_share}")
         self.images, self.tokenizer, self.config = images, tokenizer, config
         self.max_slots, self.min_slots, self.seed = max_slots, min_slots, seed
+        self.short_share = short_share
         self.epoch = 0
         # Set by the training loop during the curriculum phase (see TrainOptions).
         self.single_only = False
@@ -143,7 +150,8 @@ class GRESTrainDataset(torch.utils.data.Dataset):
             if any(g.samples[i].case == "single" for i in singles):
                 order = singles
         n_slots = self.max_slots
-        if self.min_slots:
+        # (a share of 1 draws no extra number, so such runs repeat the earlier ones exactly)
+        if self.min_slots and (self.short_share >= 1.0 or rng.random() < self.short_share):
             n_slots = rng.randint(min(self.min_slots, len(order)), min(self.max_slots, len(order)))
         while True:  # at least one [SEG] per conversation
             rng.shuffle(order)
@@ -449,7 +457,7 @@ def train(
     if not images:
         raise ValueError("training data has no image with a present target")
     dataset = GRESTrainDataset(images, tokenizer, model.config, opts.max_slots, opts.seed,
-                               opts.min_slots)
+                               opts.min_slots, opts.short_share)
     if opts.category_weight > 0:
         dataset.category_index = category_classes(samples)
         if len(dataset.category_index) < 2:

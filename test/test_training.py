@@ -73,6 +73,31 @@ def test_min_slots_draws_every_count_up_to_max_slots_and_keeps_a_target(data, sm
         GRESTrainDataset(images, tok, cfg, max_slots=3, seed=0, min_slots=4)
 
 
+def test_short_share_mixes_short_draws_into_full_conversations(data, small):
+    cfg, tok = small
+    images = [g for g in group_images(data) if len(g.samples) >= 3]
+    assert images
+
+    def counts(share: float, min_slots: int = 1) -> list[int]:
+        ds = GRESTrainDataset(images, tok, cfg, max_slots=3, seed=0, min_slots=min_slots,
+                              short_share=share)
+        out = []
+        for epoch in range(40):
+            ds.epoch = epoch
+            out += [len(ds[i]["picked"]) for i in range(len(images))]
+        return out
+
+    everyone, none, half = counts(1.0), counts(0.0), counts(0.5)
+    assert set(none) == {3}  # share 0 = GSVA's draw despite min_slots
+    assert set(everyone) == set(half) == {1, 2, 3}
+    short = {s: sum(n < 3 for n in c) / len(c) for s, c in ((1.0, everyone), (0.5, half))}
+    # uniform 1..3 is short 2/3 of the time; with share 0.5 about half as often
+    assert 0.55 < short[1.0] < 0.78 and 0.22 < short[0.5] < 0.45
+    assert counts(0.5, min_slots=0) == none  # no min_slots: the share changes nothing
+    with pytest.raises(ValueError, match="short_share"):
+        GRESTrainDataset(images, tok, cfg, max_slots=3, seed=0, min_slots=1, short_share=1.5)
+
+
 def test_parameter_groups_split_off_prompt_encoder_and_decoder(small):
     cfg, _ = small
     model = GSVAModel(cfg)

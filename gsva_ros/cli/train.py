@@ -32,6 +32,9 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
                    help="draw each conversation's expression count uniformly from "
                         "MIN_SLOTS..MAX_SLOTS (0 = always MAX_SLOTS when the image has them, "
                         "as GSVA)")
+    p.add_argument("--short-share", type=float, default=1.0,
+                   help="with --min-slots: the share of conversations drawn that way; the "
+                        "rest take GSVA's full draw (default 1: all)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--vocab-size", type=int, default=512, help="tiny tokenizer size")
@@ -157,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         bad.append("--category-aux must be >= 0")
     if args.max_slots < 1 or not 0 <= args.min_slots <= args.max_slots:
         bad.append("need --max-slots >= 1 and 0 <= --min-slots <= --max-slots")
+    if not 0.0 <= args.short_share <= 1.0:
+        bad.append("--short-share must be in [0, 1]")
     if args.aux_lm_rows < 1:
         bad.append("--aux-lm-rows must be >= 1")
     if bad:
@@ -186,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup,
         max_slots=args.max_slots,
         min_slots=args.min_slots,
+        short_share=args.short_share,
         precision=args.precision,
         save_every=args.save_every,
         seed=args.seed,

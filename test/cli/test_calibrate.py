@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -13,6 +14,7 @@ from gsva_ros.data.synth import generate_dataset
 from gsva_ros.engine import GSVAEngine
 from gsva_ros.evaluation import best_threshold, evaluate, presence_sweep
 from gsva_ros.model.config import GSVAConfig
+from gsva_ros.result import FALLBACK_MISCOPIED, FALLBACK_SLOT_COUNT
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,24 @@ def test_sweep_equals_a_full_evaluation_at_each_threshold(tiny_model_dir, val_di
     # the thresholds really change the answers (the random model's shares lie between them)
     present = [r["confusion"]["tn"] + r["confusion"]["fn"] for r in sweep]
     assert present[0] > present[-1]
+
+
+def test_evaluate_counts_fallbacks_by_the_reason_the_engine_gives(tiny_model_dir, val_dir):
+    samples = load_grefcoco(val_dir, split="val")
+    engine = GSVAEngine(tiny_model_dir, device="cpu")
+    given = [FALLBACK_MISCOPIED, "", FALLBACK_SLOT_COUNT, FALLBACK_MISCOPIED] * 50
+    reasons = iter(given)
+    plain_segment = engine.segment
+
+    def segment(*args, **kwargs):
+        return dataclasses.replace(plain_segment(*args, **kwargs), fallback=next(reasons))
+
+    engine.segment = segment
+    _, stats = evaluate(engine, samples, progress=False)
+    n = stats["conversations"]
+    assert n >= 4
+    assert stats["fallbacks"] == sum(bool(r) for r in given[:n])
+    assert stats["miscopied"] == given[:n].count(FALLBACK_MISCOPIED)
 
 
 def test_best_threshold_maximises_the_criterion_and_ties_go_to_gsva_s_rule():

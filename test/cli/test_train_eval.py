@@ -105,9 +105,10 @@ def test_eval_cli_json(small_data, small_config, tmp_path, capsys):
     "flag,value",
     [("--slot-weight", "0"), ("--bce-weight", "-1"), ("--aux-lm", "-0.5"), ("--aux-lm-rows", "0"),
      ("--phrase-aux", "-1"), ("--decoder-lr-scale", "0"),
-     ("--rej-mask-weight", "-1"), ("--category-aux", "-1")],
+     ("--rej-mask-weight", "-1"), ("--category-aux", "-1"), ("--short-share", "1.5"),
+     ("--short-share", "-0.1"), ("--min-slots", "6")],
 )
-def test_train_refuses_bad_loss_weights(small_data, tmp_path, capsys, flag, value):
+def test_train_refuses_bad_options(small_data, tmp_path, capsys, flag, value):
     out = tmp_path / "never"
     assert main(["train", "--data", str(small_data), "--out", str(out), flag, value]) == 2
     assert flag in capsys.readouterr().out

@@ -7,6 +7,7 @@ import torch
 from gsva_ros.engine import GSVAEngine
 from gsva_ros.model.decoding import decode_slots, generate
 from gsva_ros.model.prompt import encode_conversation
+from gsva_ros.result import FALLBACK_MISCOPIED, FALLBACK_SLOT_COUNT
 
 
 class ScriptedHead(torch.nn.Module):
@@ -82,7 +83,7 @@ def test_generate_parses_slots_in_order(tiny_model, tiny_tokenizer, scripted, rg
     scripted(script)
     engine = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", dtype="float32")
     res = engine.segment(rgb_image, "a, b", decoding="generate")
-    assert res.decoding == "generate" and res.note == ""
+    assert res.decoding == "generate" and res.note == "" and res.fallback == ""
     # generation stops at the last expected slot: the closing "." is never computed
     assert res.response == "Sure, they are a:[SEG], b:[REJ]"
     assert [t.present for t in res.targets] == [True, False]
@@ -99,7 +100,7 @@ def test_generate_falls_back_to_slots_on_wrong_slot_count(
     scripted(script)
     engine = GSVAEngine(tiny_model, tokenizer=tiny_tokenizer, device="cpu", dtype="float32")
     res = engine.segment(rgb_image, "a, b", decoding="generate")
-    assert res.decoding == "slots"
+    assert res.decoding == "slots" and res.fallback == FALLBACK_SLOT_COUNT
     assert "1 slot(s) for 2 expression(s)" in res.note
     assert res.response == "Sure, they are a:[SEG], b:[SEG]."
     assert all(t.present for t in res.targets)
@@ -119,12 +120,12 @@ def test_generate_falls_back_to_slots_when_a_slot_names_another_phrase(
                         check_generated_phrases=check)
     res = engine.segment(rgb_image, "a, b", decoding="generate")
     if check:
-        assert res.decoding == "slots"
+        assert res.decoding == "slots" and res.fallback == FALLBACK_MISCOPIED
         assert res.note == "generate wrote 'b' for 'a'; answered with slot decoding instead"
         assert res.response == "Sure, they are a:[REJ], b:[REJ]."
         assert [t.present for t in res.targets] == [False, False]
     else:  # GSVA's answer as is
-        assert res.decoding == "generate" and res.note == ""
+        assert res.decoding == "generate" and res.note == "" and res.fallback == ""
         assert res.response == "Sure, they are b:[SEG], b:[REJ]"
         assert [t.present for t in res.targets] == [True, False]
 
