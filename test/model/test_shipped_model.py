@@ -27,13 +27,24 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def fresh_summary(engine, tmp_path_factory):
+def fresh_samples(tmp_path_factory):
     root = tmp_path_factory.mktemp("fresh") / "data"
     generate_dataset(root, n=30, seed=20261129, split="test", progress=False)
-    samples = load_grefcoco(root, split="test")
-    summary, _ = evaluate(engine, samples, protocol="strict", progress=False)
-    assert summary["count"] == len(samples) > 60
+    return load_grefcoco(root, split="test")
+
+
+@pytest.fixture(scope="module")
+def fresh_summary(engine, fresh_samples):
+    summary, _ = evaluate(engine, fresh_samples, protocol="strict", progress=False)
+    assert summary["count"] == len(fresh_samples) > 60
     return summary
+
+
+@pytest.fixture(scope="module")
+def written_answers(fresh_samples):
+    """``generate`` as the model writes it (no phrase check) → (summary, run statistics)."""
+    engine = GSVAEngine("tiny", device="cpu", check_generated_phrases=False)
+    return evaluate(engine, fresh_samples, decoding="generate", progress=False)
 
 
 def test_tiny_is_the_shipped_default(engine):
@@ -44,12 +55,28 @@ def test_tiny_is_the_shipped_default(engine):
 
 def test_shipped_model_regression_floor(fresh_summary):
     s = fresh_summary
-    # measured for the shipped model on this split: gIoU 0.75, cIoU 0.78, N-acc 0.71, T-acc
-    # 0.95, single 0.74, multi 0.78 (103 expressions, so the floors leave room for noise)
+    # measured for the shipped model on this split: gIoU 0.75, cIoU 0.75, N-acc 0.71, T-acc
+    # 0.95, single 0.74, multi 0.79 (103 expressions, so the floors leave room for noise)
     assert s["giou"] >= 0.60 and s["ciou"] >= 0.60, s
     assert s["t_acc"] >= 0.85 and s["n_acc"] >= 0.50, s
     assert s["per_case"]["single"]["giou"] >= 0.55, s
     assert s["per_case"]["multi"]["giou"] >= 0.60, s
+
+
+def test_shipped_model_writes_the_phrases_it_is_asked(engine, fresh_samples, written_answers):
+    # the previous model, trained on 5-expression conversations only, mis-copied 14 of these
+    # 30 conversations and its answer as written scored gIoU 0.63; this one: 0 and 0.75
+    _, stats = evaluate(engine, fresh_samples, decoding="generate", progress=False)
+    assert stats["conversations"] == 30 and stats["miscopied"] <= 3, stats
+    summary, stats = written_answers
+    assert stats["fallbacks"] <= 3, stats  # only a wrong slot count falls back here
+    assert summary["giou"] >= 0.65 and summary["t_acc"] >= 0.85, summary
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped tiny model is below the issue's target for "
+                   "generate decoding (gIoU >= 0.85); see README 'The embedded model'")
+def test_shipped_model_meets_the_generate_target(written_answers):
+    assert written_answers[0]["giou"] >= 0.85, written_answers[0]
 
 
 @pytest.mark.xfail(strict=True, reason="the shipped tiny model is below the issue's targets "
