@@ -686,17 +686,19 @@ class GSVAEngine:
         passes: dict[str, int] = {}
         try:
             try:
-                slots, response, decoding, note, fallback = self._decode(
+                slots, response, note, fallback = self._decode(
                     state, frame, conv, expressions, decoding, passes
                 )
             except CapacityError:  # static cache too small after all: answer eagerly
                 state.crop(frame.prefix_len)
                 state = self._state(frame, self._static.capacity + 1 if self._static else 0)
-                slots, response, decoding, note, fallback = self._decode(
+                slots, response, note, fallback = self._decode(
                     state, frame, conv, expressions, decoding, passes
                 )
         finally:
             state.crop(frame.prefix_len)
+        if fallback:
+            decoding = "slots"
         self.stats.slot_passes += passes.get("passes", 0)
         t_masks = self._now()
         targets = self._targets(frame, expressions, slots, masks_for_rejected)
@@ -728,7 +730,7 @@ class GSVAEngine:
 
     def _decode(self, state: LanguageState, frame: FrameFeatures, conv, expressions: list[str],
                 decoding: str, passes: dict[str, int]):
-        """→ (slots, response text, decoding actually used, note, fallback reason)."""
+        """→ (slots, response text, note, fallback reason: empty unless generate fell back)."""
         m, p = self.model, frame.prefix_len
         threshold = check_presence_threshold(self.presence_threshold)
         note = fallback = ""
@@ -755,13 +757,12 @@ class GSVAEngine:
                     f"slot decoding instead"
                 )
             else:
-                return slots, response, decoding, note, fallback
+                return slots, response, note, fallback
             state.crop(p)
         decode = decode_slots_speculative if self.slot_decoding == "speculative" else decode_slots
         slots = decode(m, conv.ids, conv.slot_positions, p, state, stats=passes,
                        presence_threshold=threshold)
-        text = answer_text(expressions, [s.present for s in slots])
-        return slots, text, "slots", note, fallback
+        return slots, answer_text(expressions, [s.present for s in slots]), note, fallback
 
     def generate_budget(self, conv) -> int:
         """Most tokens ``generate`` may produce for ``conv`` (its skeleton answer incl. EOS)."""
