@@ -281,7 +281,7 @@ class GSVAEngine:
         dtype: str = "auto",
         decoding: str = "slots",
         instance_split: bool = True,
-        min_object_area: int = 16,
+        min_object_area: int = 32,
         max_expressions: int = DEFAULT_MAX_EXPRESSIONS,
         max_command_chars: int = DEFAULT_MAX_COMMAND_CHARS,
         cache_frames: int = 2,

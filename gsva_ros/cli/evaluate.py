@@ -21,9 +21,9 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=["strict", "lenient"], default="strict")
     p.add_argument("--keep-empty-masks", action="store_true",
                    help="keep a [SEG] whose mask is empty as present (GSVA's answer as is)")
-    p.add_argument("--min-object-area", type=int, default=16, metavar="PX",
+    p.add_argument("--min-object-area", type=int, default=32, metavar="PX",
                    help="node parameter min_object_area: objects smaller than this are dropped "
-                        "as speckle (default 16)")
+                        "as speckle (default 32)")
     p.add_argument("--unchecked-phrases", action="store_true",
                    help="generate: keep an answer whose slot text does not name its expression "
                         "(no fallback to slot decoding)")

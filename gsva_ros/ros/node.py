@@ -234,7 +234,7 @@ PARAMETERS: dict[str, ParamSpec] = {
         _boolean(),
     ),
     "min_object_area": _spec(
-        16, "Objects smaller than this many pixels are dropped as speckle.",
+        32, "Objects smaller than this many pixels are dropped as speckle.",
         _int_range(0, 1 << 30),
     ),
     "max_expressions": _spec(

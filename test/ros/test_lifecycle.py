@@ -98,7 +98,7 @@ def test_bad_parameter_values_are_rejected_with_a_reason(srv, h, name, value):
 
 def test_wrongly_typed_values_are_rejected(srv, h):
     (result,) = srv.set(min_object_area="many")  # rclpy enforces the declared integer type
-    assert not result.successful and h.node.get_parameter("min_object_area").value == 16
+    assert not result.successful and h.node.get_parameter("min_object_area").value == 32
     (result,) = srv.set(max_rate_hz=True)  # numbers only, even with dynamic typing
     assert not result.successful and "max_rate_hz" in result.reason
 
