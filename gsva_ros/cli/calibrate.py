@@ -46,7 +46,7 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gsva_ros.cli.evaluate import dataset_args_error, load_samples
+    from gsva_ros.cli.evaluate import dataset_args_error, engine_options, load_samples
     from gsva_ros.engine import GSVAEngine, resolve_model_dir
     from gsva_ros.evaluation import best_threshold, presence_sweep
     from gsva_ros.metrics import percent as pct
@@ -58,10 +58,7 @@ def run(args: argparse.Namespace) -> int:
     samples = load_samples(args)
     if not samples:
         return 2
-    engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding,
-                        reject_empty_masks=not args.keep_empty_masks,
-                        check_generated_phrases=not args.unchecked_phrases,
-                        min_object_area=args.min_object_area)
+    engine = GSVAEngine(args.model, **engine_options(args))
     before = engine.config.presence_threshold
     sweep = presence_sweep(engine, samples, args.thresholds, args.protocol, args.decoding)
     best = best_threshold(sweep, args.criterion)

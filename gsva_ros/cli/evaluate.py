@@ -21,9 +21,9 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=["strict", "lenient"], default="strict")
     p.add_argument("--keep-empty-masks", action="store_true",
                    help="keep a [SEG] whose mask is empty as present (GSVA's answer as is)")
-    p.add_argument("--min-object-area", type=int, default=32, metavar="PX",
+    p.add_argument("--min-object-area", type=int, default=None, metavar="PX",
                    help="node parameter min_object_area: objects smaller than this are dropped "
-                        "as speckle (default 32)")
+                        "as speckle (default: the engine's, as the node's)")
     p.add_argument("--unchecked-phrases", action="store_true",
                    help="generate: keep an answer whose slot text does not name its expression "
                         "(no fallback to slot decoding)")
@@ -42,9 +42,22 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
 
 def dataset_args_error(args: argparse.Namespace) -> str | None:
     """What is wrong with the options :func:`add_dataset_args` added (None = nothing)."""
-    if args.min_object_area < 0:
+    if args.min_object_area is not None and args.min_object_area < 0:
         return f"--min-object-area must be >= 0, got {args.min_object_area}"
     return None
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """``GSVAEngine`` keyword arguments from the options :func:`add_dataset_args` added (the
+    engine's own defaults where an option is not given)."""
+    options = {
+        "device": args.device, "dtype": args.dtype, "decoding": args.decoding,
+        "reject_empty_masks": not args.keep_empty_masks,
+        "check_generated_phrases": not args.unchecked_phrases,
+    }
+    if args.min_object_area is not None:
+        options["min_object_area"] = args.min_object_area
+    return options
 
 
 def load_samples(args: argparse.Namespace) -> list:
@@ -76,11 +89,8 @@ def run(args: argparse.Namespace) -> int:
     samples = load_samples(args)
     if not samples:
         return 2
-    engine = GSVAEngine(args.model, device=args.device, dtype=args.dtype, decoding=args.decoding,
-                        presence_threshold=args.presence_threshold,
-                        reject_empty_masks=not args.keep_empty_masks,
-                        check_generated_phrases=not args.unchecked_phrases,
-                        min_object_area=args.min_object_area)
+    engine = GSVAEngine(args.model, presence_threshold=args.presence_threshold,
+                        **engine_options(args))
     summary, stats = evaluate(engine, samples, args.protocol, args.decoding)
     lat = np.asarray(stats["latency_ms"] or [0.0])
     print(f"model {engine.model_name} | decoding {args.decoding} | protocol {args.protocol} | "
