@@ -130,6 +130,29 @@ def test_params_file_lists_every_declared_parameter_with_valid_default_values():
     assert values == {name: spec.default for name, spec in PARAMETERS.items()}
 
 
+def test_node_defaults_are_the_engines_defaults():
+    """The node passes its parameters to GSVAEngine, so a default changed in one place only
+    (as min_object_area once was in three) would make the node and the tools disagree."""
+    import inspect
+
+    from gsva_ros.engine import GSVAEngine
+
+    engine = {
+        name: p.default
+        for name, p in inspect.signature(GSVAEngine.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    shared = set(engine) & set(PARAMETERS)
+    assert {"model", "decoding", "min_object_area", "reject_empty_masks",
+            "check_generated_phrases", "presence_threshold"} <= shared
+    for name in sorted(shared):
+        node_default = PARAMETERS[name].default
+        if name == "presence_threshold":  # the node's 0 means the engine's None: model's own
+            assert (node_default, engine[name]) == (0.0, None)
+        else:
+            assert node_default == engine[name], name
+
+
 def test_params_file_has_a_comment_for_every_parameter():
     lines = PARAMS_FILE.read_text().splitlines()
     for i, line in enumerate(lines):
