@@ -6,6 +6,8 @@ import argparse
 
 import numpy as np
 import torch
+from segment_anything.modeling.common import LayerNorm2d
+from torch import nn
 
 from gsva_ros.data.synth import COLORS, SHAPES, SceneSpec, sample_scene
 
@@ -50,3 +52,45 @@ def optimizer_step(opt: torch.optim.Optimizer, model: torch.nn.Module, loss: tor
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+
+
+STEMS = ("patchify", "conv", "conv-ln")
+
+
+def add_stem_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--stem", choices=STEMS, default="patchify",
+        help="SAM ViT stem: its 16x16 patchify projection, 3x3 stride-2 convolutions, "
+        "or those with a LayerNorm after each",
+    )
+
+
+def set_stem(encoder: nn.Module, stem: str, dim: int) -> None:
+    """Replace the ViT's 16×16 patchify projection by a convolutional stem (same 1/16 grid)."""
+    if stem == "patchify":
+        return
+    chans, layers, c_in = (16, 32, 64, 64), [], 3
+    for c in chans:
+        layers.append(nn.Conv2d(c_in, c, 3, 2, 1))
+        if stem == "conv-ln":
+            layers.append(LayerNorm2d(c))
+        layers.append(nn.GELU())
+        c_in = c
+    encoder.patch_embed.proj = nn.Sequential(*layers, nn.Conv2d(c_in, dim, 1))
+
+
+def pooled_by_mask(
+    emb: torch.Tensor, items: list
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each object's embedding averaged under its mask (N×C) and its (shape, colour) (N×2).
+
+    ``emb`` is the B×C×g×g image embedding of ``items`` (``sam_prompt.Item``: pixels,
+    (shape, colour) per object, low-res masks, token labels)."""
+    feats, labels = [], []
+    for i, (_, attrs, low, _) in enumerate(items):
+        for attr, mask in zip(attrs, low, strict=True):
+            w = torch.nn.functional.adaptive_avg_pool2d(mask[None, None].float(), emb.shape[-1])
+            w = w[0, 0]
+            feats.append((emb[i] * w).sum((1, 2)) / w.sum().clamp(min=1e-6))
+            labels.append(attr)
+    return torch.stack(feats), torch.tensor(labels)

@@ -6,7 +6,9 @@ asks for one shape present in it and one colour present in it, target = union of
 objects' visible masks at the low-res mask size; loss 2·BCE + 0.5·Dice as in training. Reported:
 mean IoU of the shape and the colour masks on 120 held-out scenes after `--steps` steps (or `--secs`
 seconds).
-``--dense W`` adds a per-token shape classification loss on the image embedding.
+``--dense W`` adds a per-token shape classification loss on the image embedding, ``--pooled W``
+one on each object's embedding averaged under its mask (``--pooled-colour``: and its colour);
+``--stem conv`` puts 3×3 stride-2 convolutions in place of the ViT's 16×16 patchify projection.
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import add_scene_args, color_index, optimizer_step, scene, shape_index
+from common import (
+    add_scene_args,
+    add_stem_arg,
+    color_index,
+    optimizer_step,
+    pooled_by_mask,
+    scene,
+    set_stem,
+    shape_index,
+)
 from torch import nn
 
 from gsva_ros.data.synth import COLORS, SHAPES, render
@@ -78,6 +89,8 @@ class PromptedSam(nn.Module):
         self.sam = build_sam(cfg)
         self.prompts = nn.Embedding(len(SHAPES) + len(COLORS), cfg.sam_prompt_dim)
         self.token_head = nn.Conv2d(cfg.sam_prompt_dim, len(SHAPES) + 1, 1)
+        self.pooled_head = nn.Linear(cfg.sam_prompt_dim, len(SHAPES))
+        self.pooled_colour_head: nn.Module | None = None  # made last: keeps the other seeds
 
     def decode(self, embedding: torch.Tensor, ids: list[int]) -> torch.Tensor:
         """1×C×g×g embedding, n prompt ids → n×4g×4g mask logits."""
@@ -127,7 +140,16 @@ def main() -> None:
         help="per-token shape loss on object tokens only (background tokens ignored)",
     )
     parser.add_argument("--batch-size", type=int, default=6)
+    add_stem_arg(parser)
+    parser.add_argument(
+        "--pooled", type=float, default=0.0, help="weight of the mask-averaged shape loss"
+    )
+    parser.add_argument(
+        "--pooled-colour", action="store_true", help="the same loss for the colour as well"
+    )
     args = parser.parse_args()
+    if args.stem != "patchify" and args.patch_size not in (None, 16):
+        parser.error("--stem conv makes the 1/16 grid of 16-px patches")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     cfg = tiny()
@@ -139,6 +161,9 @@ def main() -> None:
     grid = cfg.sam_embedding_size
     train, val = make_split(101, 600, args, cfg), make_split(202, 120, args, cfg)
     model = PromptedSam(cfg)
+    set_stem(model.sam.image_encoder, args.stem, cfg.sam_embed_dim)
+    if args.pooled_colour:
+        model.pooled_colour_head = nn.Linear(cfg.sam_prompt_dim, len(COLORS))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(0)
     step, start = 0, time.time()
@@ -159,6 +184,12 @@ def main() -> None:
             if args.dense_objects_only:
                 labels = labels.masked_fill(labels == len(SHAPES), -100)  # CE's ignore_index
             loss = loss + args.dense * F.cross_entropy(model.token_head(emb), labels)
+        if args.pooled:
+            feats, attrs = pooled_by_mask(emb, batch)
+            loss = loss + args.pooled * F.cross_entropy(model.pooled_head(feats), attrs[:, 0])
+            if args.pooled_colour:
+                colour = F.cross_entropy(model.pooled_colour_head(feats), attrs[:, 1])
+                loss = loss + args.pooled * colour
         optimizer_step(opt, model, loss)
         step += 1
         if step % 200 == 0:
