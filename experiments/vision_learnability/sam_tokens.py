@@ -80,24 +80,25 @@ def main() -> None:
     add_stem_arg(parser)
     parser.add_argument("--pooled", action="store_true", help="classify mask-averaged objects")
     args = parser.parse_args()
+    if args.cnn and args.stem != "patchify":
+        parser.error("--stem changes the ViT; --cnn replaces it")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     cfg = tiny()
     train = make_split(101, args.train_scenes, args, cfg)
     val = make_split(202, 60, args, cfg)
     encoder = conv_encoder(cfg.sam_prompt_dim) if args.cnn else build_sam(cfg).image_encoder
-    if not args.cnn:
-        set_stem(encoder, args.stem, cfg.sam_embed_dim)
+    set_stem(encoder, args.stem, cfg.sam_embed_dim)  # patchify (the default) leaves it as is
     if args.pooled:
         forward, head = pooled_logits, nn.Linear(cfg.sam_prompt_dim, len(SHAPES))
     else:
         forward, head = token_logits, nn.Conv2d(cfg.sam_prompt_dim, len(SHAPES) + 1, 1)
     model = nn.ModuleDict({"encoder": encoder, "head": head})
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    weight = torch.ones(len(SHAPES) + 1)
-    weight[-1] = 0.2
-    if args.pooled:
-        weight = None  # no background class
+    weight = None  # pooled: no background class
+    if not args.pooled:
+        weight = torch.ones(len(SHAPES) + 1)
+        weight[-1] = 0.2
     rng = np.random.default_rng(0)
     step, start, curve = 0, time.time(), []
     while step < args.steps if args.steps else time.time() - start < args.secs:
