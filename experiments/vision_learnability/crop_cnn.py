@@ -7,7 +7,8 @@ the scenes are not the problem: the towers' difficulty is learning shape at ever
 scale of a dense 1/16 grid.
 
 ``--window PX`` cuts a fixed PX-square window around each object instead (its size no longer
-normalised; resized to 64×64), which mixes in the neighbours and keeps the scale variation.
+normalised; resized to 64×64), which keeps the scale variation but also mixes in the
+neighbours, and the CNN's global pooling cannot tell which object in the window is meant.
 
 Prints, every 100 steps, the loss and the accuracy on the objects of 300 held-out scenes
 (overall and on the smaller half).
