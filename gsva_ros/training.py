@@ -89,6 +89,10 @@ class TrainOptions:
     # category (for the synthetic scenes: its shape) from SAM's image embedding pooled over
     # the target's mask (cross-entropy, mean over such slots).
     category_weight: float = 0.0
+    # Colour objective: a training-only linear head must give each single target's mean
+    # colour (SAM-normalised RGB of the pixels under its mask; MSE) from the same pooled
+    # embedding. Needs no labels, so it works on any data.
+    colour_weight: float = 0.0
 
 
 @dataclass
@@ -180,6 +184,7 @@ class GRESTrainDataset(torch.utils.data.Dataset):
                         ["input_ids"] for i in pick],
             # each slot's target category as a class index; -1 unless exactly one target
             "categories": torch.tensor([self._category(g.samples[i]) for i in pick]),
+            "single": torch.tensor([g.samples[i].case == "single" for i in pick]),
         }
 
     def _category(self, sample) -> int:
@@ -205,6 +210,7 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         "gt_masks": [b["masks"] for b in batch],
         "phrases": [p for b in batch for p in b["phrases"]],  # all slots, batch order
         "categories": [b["categories"] for b in batch],
+        "single": [b["single"] for b in batch],
     }
 
 
@@ -357,45 +363,69 @@ def category_classes(samples: list) -> dict[int, int]:
     return {c: i for i, c in enumerate(ids)}
 
 
-def category_loss(
-    head: torch.nn.Linear,
+def pool_under_masks(
     image_embeddings: torch.Tensor,
+    sam_pixels: torch.Tensor,
     gt_masks: list[torch.Tensor],
-    categories: list[torch.Tensor],
+    keep: list[torch.Tensor],
     resized_sizes: list[tuple[int, int]],
-    sam_size: int,
-) -> torch.Tensor | None:
-    """Cross-entropy of ``head`` on SAM's embedding pooled over each single target's mask.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's embedding and the SAM input pixels averaged under each kept slot's mask.
 
-    ``image_embeddings`` B×C×g×g; per image b, ``gt_masks[b]`` n×H×W and ``categories[b]`` n
-    class indices (−1 = skip). The mask goes through SAM's own geometry (resize to the
-    resized size, pad bottom-right to ``sam_size``, average to the g×g grid) and weights the
-    embedding. None when no slot has a category.
+    ``image_embeddings`` B×C×g×g, ``sam_pixels`` B×3×S×S (normalised, padded); per image b,
+    ``gt_masks[b]`` n×H×W and ``keep[b]`` n bools. The mask goes through SAM's own geometry
+    (resize to the resized size, pad bottom-right to S; averaged to g×g for the embedding).
+    Returns N×C pooled embeddings and N×3 mean pixels (N = kept slots, batch order).
+    """
+    size, g = sam_pixels.shape[-1], image_embeddings.shape[-1]
+    pooled, colours = [], []
+    for b, k in enumerate(keep):
+        if not bool(k.any()):
+            continue
+        nh, nw = resized_sizes[b]
+        m = gt_masks[b][k.to(gt_masks[b].device)].float()[:, None]
+        m = F.interpolate(m, size=(nh, nw), mode="area")
+        m = F.pad(m, (0, size - nw, 0, size - nh))[:, 0]  # n×S×S
+        w = F.adaptive_avg_pool2d(m, g).to(image_embeddings.dtype)  # n×g×g
+        emb = torch.einsum("cij,nij->nc", image_embeddings[b], w)
+        pooled.append(emb / w.sum((1, 2)).clamp(min=1e-6)[:, None])
+        px = torch.einsum("cij,nij->nc", sam_pixels[b].float(), m)
+        colours.append(px / m.sum((1, 2)).clamp(min=1e-6)[:, None])
+    if not pooled:
+        c = image_embeddings.shape[1]
+        return image_embeddings.new_zeros((0, c)), sam_pixels.new_zeros((0, 3)).float()
+    return torch.cat(pooled), torch.cat(colours)
+
+
+def category_loss(
+    head: torch.nn.Linear, pooled: torch.Tensor, categories: torch.Tensor
+) -> torch.Tensor | None:
+    """Cross-entropy of ``head`` naming each target's category from its N×C pooled embedding
+    (:func:`pool_under_masks`); None without targets.
 
     Why: the encoders trained by GSVA's loss alone learn colour but hardly shape (a linear
     probe reads colour from the pooled embedding at 0.98, shape at 0.41 against 0.27 chance),
-    so the decoder cannot follow shape words; naming the shape of the pixels under each mask is
-    meant to teach it directly (in 600-step tests it did not yet: README). The head is dropped
-    after training.
+    so the decoder cannot follow shape words; naming the shape of the pixels under each mask
+    teaches it directly — with SAM's patchify stem too slowly to matter, with a convolutional
+    stem (``sam_stem``) within a training run (README). The head is dropped after training.
     """
-    g = image_embeddings.shape[-1]
-    logits, labels = [], []
-    for b, cats in enumerate(categories):
-        keep = cats >= 0
-        if not bool(keep.any()):
-            continue
-        nh, nw = resized_sizes[b]
-        m = gt_masks[b][keep.to(gt_masks[b].device)].float()[:, None]
-        m = F.interpolate(m, size=(nh, nw), mode="area")
-        m = F.pad(m, (0, sam_size - nw, 0, sam_size - nh))
-        w = F.adaptive_avg_pool2d(m, g)[:, 0].to(image_embeddings.dtype)  # n×g×g
-        pooled = torch.einsum("cij,nij->nc", image_embeddings[b], w)
-        pooled = pooled / w.sum((1, 2)).clamp(min=1e-6)[:, None]
-        logits.append(head(pooled.float()))
-        labels.append(cats[keep].to(pooled.device))
-    if not logits:
+    if len(pooled) == 0:
         return None
-    return F.cross_entropy(torch.cat(logits), torch.cat(labels))
+    return F.cross_entropy(head(pooled.float()), categories.to(pooled.device))
+
+
+def colour_loss(
+    head: torch.nn.Linear, pooled: torch.Tensor, colours: torch.Tensor
+) -> torch.Tensor | None:
+    """MSE of ``head`` giving each target's N×3 mean pixel from its pooled embedding.
+
+    Why: asked for shape alone, the tiny SAM tower trades colour for it (mask task: colour
+    0.82 → 0.55); a colour read-out beside the shape one keeps both (0.86). The mean pixel
+    stands in for a colour label, so any data has it. The head is dropped after training.
+    """
+    if len(pooled) == 0:
+        return None
+    return F.mse_loss(head(pooled.float()), colours.to(pooled.device))
 
 
 def parameter_groups(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
@@ -486,6 +516,8 @@ def train(
         _refuse_lora(model, "phrase objective")
     if opts.category_weight > 0:
         _refuse_lora(model, "category objective")
+    if opts.colour_weight > 0:
+        _refuse_lora(model, "colour objective")
     aux_rng = random.Random(opts.seed + 1)
     trainable = prepare_trainable(model)
     groups = parameter_groups(trainable)
@@ -499,6 +531,10 @@ def train(
         cat_head = torch.nn.Linear(model.config.sam_prompt_dim, len(dataset.category_index))
         cat_head = cat_head.to(model.device)
         groups[0] = [*groups[0], *cat_head.parameters()]
+    colour_head = None
+    if opts.colour_weight > 0:  # training-only, like the phrase head
+        colour_head = torch.nn.Linear(model.config.sam_prompt_dim, 3).to(model.device)
+        groups[0] = [*groups[0], *colour_head.parameters()]
     params = [p for g in groups for p in g]
     optim = torch.optim.AdamW(
         [{"params": g} for g in groups], lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0
@@ -516,6 +552,8 @@ def train(
             head.load_state_dict(state["phrase_head"])
         if cat_head is not None and "category_head" in state:
             cat_head.load_state_dict(state["category_head"])
+        if colour_head is not None and "colour_head" in state:
+            colour_head.load_state_dict(state["colour_head"])
     log = (out / "loss_log.jsonl").open("a")
     bar = tqdm(total=opts.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     trainable.train()
@@ -530,6 +568,7 @@ def train(
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
             phrases = batch.pop("phrases")
             categories = batch.pop("categories")
+            single = batch.pop("single")
             with accelerator.autocast():
                 res = base.forward_train(
                     **batch,
@@ -549,14 +588,25 @@ def train(
                 if head is not None:
                     phrase = phrase_loss(head, res.slot_prompts, phrases)
                     loss = loss + opts.phrase_weight * phrase
-                category = None
+                category = colour = None
                 if cat_head is not None:
-                    category = category_loss(
-                        cat_head, res.image_embeddings, batch["gt_masks"], categories,
-                        batch["resized_sizes"], base.config.sam_image_size,
+                    keep = [c >= 0 for c in categories]
+                    pooled, _ = pool_under_masks(
+                        res.image_embeddings, batch["sam_pixels"], batch["gt_masks"], keep,
+                        batch["resized_sizes"],
                     )
+                    named = torch.cat(categories)[torch.cat(keep)]
+                    category = category_loss(cat_head, pooled, named)
                     if category is not None:
                         loss = loss + opts.category_weight * category
+                if colour_head is not None:
+                    pooled, mean_px = pool_under_masks(
+                        res.image_embeddings, batch["sam_pixels"], batch["gt_masks"], single,
+                        batch["resized_sizes"],
+                    )
+                    colour = colour_loss(colour_head, pooled, mean_px)
+                    if colour is not None:
+                        loss = loss + opts.colour_weight * colour
             accelerator.backward(loss)
             if opts.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, opts.grad_clip)
@@ -572,6 +622,8 @@ def train(
                 vals["phrase"] = float(phrase.detach())
             if cat_head is not None:  # every step, so the running average has a stable key
                 vals["category"] = float(category.detach()) if category is not None else 0.0
+            if colour_head is not None:
+                vals["colour"] = float(colour.detach()) if colour is not None else 0.0
             running = (
                 vals
                 if running is None
@@ -591,7 +643,7 @@ def train(
             if step % opts.save_every == 0 or step == opts.steps:
                 _save_state(
                     accelerator, trainable, optim, sched, step, tokenizer, out / "last", opts,
-                    head, cat_head,
+                    head, cat_head, colour_head,
                 )
             if step >= opts.steps or not math.isfinite(vals["loss"]):
                 break
@@ -607,7 +659,7 @@ def train(
 
 def _save_state(
     accelerator, trainable, optim, sched, step, tokenizer, path: Path, opts, head=None,
-    cat_head=None,
+    cat_head=None, colour_head=None,
 ) -> None:
     if not accelerator.is_main_process:
         return
@@ -630,6 +682,8 @@ def _save_state(
         state["phrase_head"] = head.state_dict()
     if cat_head is not None:
         state["category_head"] = cat_head.state_dict()
+    if colour_head is not None:
+        state["colour_head"] = colour_head.state_dict()
     tmp = path / "train_state.pt.tmp"
     torch.save(state, tmp)
     tmp.replace(path / "train_state.pt")

@@ -243,6 +243,7 @@ def test_slot_prompts_are_the_mask_prompts_of_every_slot(data, small):
     batch = collate(items, cfg.pad_token_id)
     phrases = batch.pop("phrases")
     batch.pop("categories")  # training-only targets, like the phrases
+    batch.pop("single")
     with torch.no_grad():
         res = model.forward_train(**batch)
         n = len(items[0]["picked"])
@@ -312,8 +313,8 @@ def test_rej_mask_weight_adds_a_bce_on_rejected_slots_only(data, small):
     with_rej = [it for it in items if any(not m.any() for m in it["masks"])][:2]
     assert with_rej, "fixture data should hold conversations with absent targets"
     batch = collate(with_rej, cfg.pad_token_id)
-    batch.pop("phrases")
-    batch.pop("categories")
+    for key in ("phrases", "categories", "single"):  # training-only targets
+        batch.pop(key)
     with torch.no_grad():
         res = {w: model.forward_train(**batch, rej_mask_weight=w) for w in (0.0, 1.0, 2.0)}
     out = {w: type("R", (), {k: float(getattr(r, k)) for k in ("ce", "bce", "dice")})
@@ -326,33 +327,42 @@ def test_rej_mask_weight_adds_a_bce_on_rejected_slots_only(data, small):
         assert out[w].ce == pytest.approx(out[0.0].ce, rel=1e-6)
 
 
-def test_category_loss_pools_the_embedding_under_each_mask_in_sams_geometry():
+def test_pooling_follows_sams_geometry_and_the_losses_use_it():
     import torch.nn.functional as F
 
-    from gsva_ros.training import category_loss
+    from gsva_ros.training import category_loss, colour_loss, pool_under_masks
 
     # SAM input 8 px, grid 4×4 (2 px a cell); the image is 4×8 (H×W) resized to 4×8, so
     # SAM pads it at the bottom: rows 4-7 of the input, grid rows 2-3, are padding.
     emb = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
+    pixels = torch.randn(1, 3, 8, 8)
     masks = torch.zeros(3, 4, 8, dtype=torch.bool)
     masks[0, 0:2, 0:4] = True  # grid cells (0, 0), (0, 1)
     masks[1, 2:4, 4:8] = True  # grid cells (1, 2), (1, 3)
-    masks[2, :, :] = True  # skipped below (category -1)
+    masks[2, :, :] = True  # not kept below
+    keep = torch.tensor([True, True, False])
+    pooled, colours = pool_under_masks(emb, pixels, [masks], [keep], [(4, 8)])
+    e, px = emb[0], pixels[0]
+    want = torch.stack([e[:, 0, 0:2].mean(1), e[:, 1, 2:4].mean(1)])
+    assert torch.allclose(pooled, want)
+    want_px = torch.stack([px[:, 0:2, 0:4].mean((1, 2)), px[:, 2:4, 4:8].mean((1, 2))])
+    assert torch.allclose(colours, want_px, atol=1e-6)
+
     head = torch.nn.Linear(2, 2)
     with torch.no_grad():
         head.weight.copy_(torch.eye(2))
         head.bias.zero_()
-    cats = torch.tensor([1, 0, -1])
-    loss = category_loss(head, emb, [masks], [cats], [(4, 8)], sam_size=8)
-    e = emb[0]
-    pooled = torch.stack([
-        e[:, 0, 0:2].mean(1),  # mask 0
-        e[:, 1, 2:4].mean(1),  # mask 1
-    ])
-    want = float(F.cross_entropy(pooled, torch.tensor([1, 0])))
-    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
-    # no slot with a single-target category → no loss
-    assert category_loss(head, emb, [masks], [torch.tensor([-1, -1, -1])], [(4, 8)], 8) is None
+    loss = category_loss(head, pooled, torch.tensor([1, 0]))
+    assert float(loss) == pytest.approx(float(F.cross_entropy(want, torch.tensor([1, 0]))))
+    rgb = torch.nn.Linear(2, 3)
+    assert float(colour_loss(rgb, pooled, colours)) == pytest.approx(
+        float(F.mse_loss(rgb(want), want_px)), rel=1e-5)
+    # nothing kept → empty pools and no loss
+    none, none_px = pool_under_masks(emb, pixels, [masks], [torch.zeros(3, dtype=torch.bool)],
+                                     [(4, 8)])
+    assert none.shape == (0, 2) and none_px.shape == (0, 3)
+    assert category_loss(head, none, torch.zeros(0, dtype=torch.long)) is None
+    assert colour_loss(rgb, none, none_px) is None
 
 
 def test_dataset_names_the_category_of_single_targets_only(data, small):
@@ -384,3 +394,26 @@ def test_category_objective_is_added_logged_and_never_saved_with_the_model(
         gsva = r["ce"] + opts.bce_weight * r["bce"] + opts.dice_weight * r["dice"]
         assert r["loss"] == pytest.approx(gsva + 0.5 * r["category"], rel=1e-4)
     assert state["category_head"]["weight"].shape == (4, small[0].sam_prompt_dim)
+
+
+def test_colour_objective_is_added_logged_and_never_saved_with_the_model(
+    data, small, tmp_path
+):
+    opts, recs, state = _train_with_read_out(data, small, tmp_path / "run", colour_weight=0.5)
+    assert any(r["colour"] > 0 for r in recs)
+    for r in recs:
+        gsva = r["ce"] + opts.bce_weight * r["bce"] + opts.dice_weight * r["dice"]
+        assert r["loss"] == pytest.approx(gsva + 0.5 * r["colour"], rel=1e-4)
+    assert state["colour_head"]["weight"].shape == (3, small[0].sam_prompt_dim)
+
+
+def test_dataset_marks_single_target_slots(data, small):
+    cfg, tok = small
+    ds = GRESTrainDataset(group_images(data), tok, cfg, max_slots=5, seed=0)
+    cases = set()
+    for i in range(len(ds)):
+        item, g = ds[i], ds.images[i]
+        for slot, single in zip(item["picked"], item["single"].tolist(), strict=True):
+            assert single == (g.samples[slot].case == "single")
+            cases.add(single)
+    assert cases == {True, False}

@@ -112,6 +112,14 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
         help="loss weight of a training-only read-out of each single target's COCO category "
         "(the synthetic scenes: its shape) from SAM's image embedding under its mask",
     )
+    p.add_argument(
+        "--colour-aux",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="loss weight of a training-only read-out of each single target's mean colour "
+        "from SAM's image embedding under its mask (keeps colour beside --category-aux)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
@@ -158,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         bad.append("--phrase-aux must be >= 0")
     if args.category_aux < 0:
         bad.append("--category-aux must be >= 0")
+    if args.colour_aux < 0:
+        bad.append("--colour-aux must be >= 0")
     if args.max_slots < 1 or not 0 <= args.min_slots <= args.max_slots:
         bad.append("need --max-slots >= 1 and 0 <= --min-slots <= --max-slots")
     if not 0.0 <= args.short_share <= 1.0:
@@ -208,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         aux_lm_rows=args.aux_lm_rows,
         phrase_weight=args.phrase_aux,
         category_weight=args.category_aux,
+        colour_weight=args.colour_aux,
         rej_mask_weight=args.rej_mask_weight,
     )
     summary = train(model, tokenizer, samples, out, opts, resume=resume)

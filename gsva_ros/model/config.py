@@ -13,6 +13,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The choices of ``sam_stem`` (built by ``gsva_ros.model.sam_stem``; listed here so that
+# reading a config needs no torch).
+SAM_STEMS = ("patchify", "conv", "conv-ln")
+
 # LLaVA's sentinel for "the image goes here"; expanded in place to the 256 CLIP tokens.
 IMAGE_TOKEN_INDEX = -200
 
@@ -56,6 +60,9 @@ class GSVAConfig:
     sam_decoder_depth: int = 2
     sam_mask_in_chans: int = 16
     sam_iou_head_hidden_dim: int = 256
+    # How pixels become the 1/16 token grid (``sam_stem.STEMS``): SAM's own 16×16 patchify,
+    # or a convolutional stem the tiny model can learn shape with (only with 16-px patches).
+    sam_stem: str = "patchify"
 
     # Tokens (7B layout: the LLaVA-7B tokenizer already holds <im_patch>, <im_start>, <im_end>)
     bos_token_id: int = 1
@@ -108,6 +115,13 @@ class GSVAConfig:
                 raise ValueError(
                     f"GSVA config field {name!r} must be {expected.__name__}, got {value!r:.40}"
                 )
+        stem = data.get("sam_stem", "patchify")
+        if stem not in SAM_STEMS:
+            raise ValueError(f"GSVA config field 'sam_stem' must be one of "
+                             f"{', '.join(SAM_STEMS)}, got {stem!r:.40}")
+        if stem != "patchify" and data.get("sam_patch_size", 16) != 16:
+            raise ValueError(f"GSVA config field 'sam_stem' {stem!r} makes 16-px patches; "
+                             f"sam_patch_size is {data['sam_patch_size']}")
         threshold = data.get("presence_threshold", 0.5)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"GSVA config field 'presence_threshold' must be in (0, 1), "

@@ -34,6 +34,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from gsva_ros.model.config import IMAGE_TOKEN_INDEX, GSVAConfig
 from gsva_ros.model.preprocess import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from gsva_ros.model.sam_stem import set_stem
 
 
 class LinearProjector(nn.Module):
@@ -89,7 +90,7 @@ def build_llava(cfg: GSVAConfig) -> LlavaForConditionalGeneration:
 
 def build_sam(cfg: GSVAConfig) -> Sam:
     emb = cfg.sam_embedding_size
-    return Sam(
+    sam = Sam(
         image_encoder=ImageEncoderViT(
             img_size=cfg.sam_image_size,
             patch_size=cfg.sam_patch_size,
@@ -125,6 +126,8 @@ def build_sam(cfg: GSVAConfig) -> Sam:
         pixel_mean=list(SAM_PIXEL_MEAN),
         pixel_std=list(SAM_PIXEL_STD),
     )
+    set_stem(sam.image_encoder, cfg.sam_stem, cfg.sam_embed_dim)
+    return sam
 
 
 @dataclass
