@@ -14,9 +14,10 @@
   train …`` scales to several GPUs unchanged.
 - For models trained from scratch (``TrainOptions``; all off by default, i.e. GSVA's recipe):
   slot-token CE weight, a single-target curriculum, a held-back mask decoder, a text-only
-  warm-up of the language model (:func:`pretrain_language`) and the same text objective kept
-  as an auxiliary loss during training. The README's "The embedded model"
-  says what each did for the tiny model.
+  warm-up of the language model (:func:`pretrain_language`), the same text objective kept
+  as an auxiliary loss during training, and training-only linear read-outs of the phrase (from
+  each mask prompt) and of each target's category and mean colour (from SAM's embedding under
+  its mask). The README's "The embedded model" says what each did for the tiny model.
 """
 
 from __future__ import annotations

@@ -6,10 +6,9 @@ import argparse
 
 import numpy as np
 import torch
-from segment_anything.modeling.common import LayerNorm2d
-from torch import nn
 
 from gsva_ros.data.synth import COLORS, SHAPES, SceneSpec, sample_scene
+from gsva_ros.model.sam_stem import STEMS, set_stem  # noqa: F401  (the scripts' stem)
 
 
 def add_scene_args(parser: argparse.ArgumentParser) -> None:
@@ -54,29 +53,12 @@ def optimizer_step(opt: torch.optim.Optimizer, model: torch.nn.Module, loss: tor
     opt.step()
 
 
-STEMS = ("patchify", "conv", "conv-ln")
-
-
 def add_stem_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stem", choices=STEMS, default="patchify",
         help="SAM ViT stem: its 16x16 patchify projection, 3x3 stride-2 convolutions, "
-        "or those with a LayerNorm after each",
+        "or those with a LayerNorm after each (gsva_ros.model.sam_stem)",
     )
-
-
-def set_stem(encoder: nn.Module, stem: str, dim: int) -> None:
-    """Replace the ViT's 16×16 patchify projection by a convolutional stem (same 1/16 grid)."""
-    if stem == "patchify":
-        return
-    chans, layers, c_in = (16, 32, 64, 64), [], 3
-    for c in chans:
-        layers.append(nn.Conv2d(c_in, c, 3, 2, 1))
-        if stem == "conv-ln":
-            layers.append(LayerNorm2d(c))
-        layers.append(nn.GELU())
-        c_in = c
-    encoder.patch_embed.proj = nn.Sequential(*layers, nn.Conv2d(c_in, dim, 1))
 
 
 def pooled_by_mask(

@@ -167,8 +167,9 @@ def gsva_13b() -> GSVAConfig:
 def tiny(vocab_size: int = 1024) -> GSVAConfig:
     """The embedded CPU model: same architecture, sizes small enough to train on 2 cores.
 
-    SAM runs at 384 px (24×24 embedding, 96×96 low-res masks) instead of 1024 px; token ids
-    are filled in from the project's own tokenizer when it is built.
+    SAM runs at 384 px (24×24 embedding, 96×96 low-res masks) instead of 1024 px, with a
+    convolutional stem (``sam_stem``); token ids are filled in from the project's own
+    tokenizer when it is built.
     """
     return GSVAConfig(
         name="tiny",
@@ -196,6 +197,8 @@ def tiny(vocab_size: int = 1024) -> GSVAConfig:
         sam_decoder_mlp_dim=512,
         sam_decoder_num_heads=4,
         sam_iou_head_hidden_dim=64,
+        # SAM's patchify stem hardly learns shape from scratch at this size; this one does.
+        sam_stem="conv-ln",
         lora_r=0,
         max_new_tokens=96,
     )

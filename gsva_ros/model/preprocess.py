@@ -33,18 +33,20 @@ def _check_rgb(image: np.ndarray) -> None:
 def clip_preprocess(image: np.ndarray, size: int = 224) -> torch.Tensor:
     """RGB uint8 HxWx3 → float32 3×size×size (as CLIP ViT-L/14's CLIPImageProcessor)."""
     _check_rgb(image)
-    h, w = image.shape[:2]
-    # Shortest edge to `size`, the other scaled to keep the aspect ratio (as CLIP's processor).
-    # CLIP's processor truncates the long side (int(), not round()).
-    if h <= w:
-        nh, nw = size, max(size, int(size * w / h))
-    else:
-        nh, nw = max(size, int(size * h / w)), size
+    nh, nw = clip_resized_size(image.shape[0], image.shape[1], size)
     resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC))
     top, left = (nh - size) // 2, (nw - size) // 2
     crop = resized[top : top + size, left : left + size].astype(np.float32) / 255.0
     mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
     return torch.from_numpy(((crop - mean) / std).transpose(2, 0, 1).copy())
+
+
+def clip_resized_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """Size before CLIP's centre crop: the shortest edge to ``size``, the other scaled to keep
+    the aspect ratio and truncated (int(), not round()), as CLIP's processor does."""
+    if height <= width:
+        return size, max(size, int(size * width / height))
+    return max(size, int(size * height / width)), size
 
 
 def sam_resized_size(height: int, width: int, long_side: int) -> tuple[int, int]:

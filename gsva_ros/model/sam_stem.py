@@ -17,6 +17,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
 from gsva_ros.model.config import SAM_STEMS as STEMS
+
 # Output channels of the four stride-2 convolutions (input 3 channels, 2⁴ = 16× down).
 CONV_STEM_CHANNELS = (16, 32, 64, 64)
 

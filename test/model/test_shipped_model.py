@@ -55,17 +55,47 @@ def test_tiny_is_the_shipped_default(engine):
 
 def test_shipped_model_regression_floor(fresh_summary):
     s = fresh_summary
-    # measured for the shipped model on this split: gIoU 0.75, cIoU 0.75, N-acc 0.71, T-acc
-    # 0.95, single 0.74, multi 0.79 (103 expressions, so the floors leave room for noise)
-    assert s["giou"] >= 0.60 and s["ciou"] >= 0.60, s
-    assert s["t_acc"] >= 0.85 and s["n_acc"] >= 0.50, s
-    assert s["per_case"]["single"]["giou"] >= 0.55, s
-    assert s["per_case"]["multi"]["giou"] >= 0.60, s
+    # measured for the shipped model on this split: gIoU 0.78, cIoU 0.83, N-acc 0.75, T-acc
+    # 0.96, single 0.79, multi 0.79 (103 expressions, so the floors leave room for noise; the
+    # previous model: 0.75, 0.75, 0.71, 0.95, 0.74, 0.79)
+    assert s["giou"] >= 0.65 and s["ciou"] >= 0.65, s
+    assert s["t_acc"] >= 0.85 and s["n_acc"] >= 0.55, s
+    assert s["per_case"]["single"]["giou"] >= 0.65, s
+    assert s["per_case"]["multi"]["giou"] >= 0.65, s
+
+
+def test_shipped_model_tells_shapes_of_one_colour_apart(engine):
+    """Four red shapes: only the shape word says which is meant. The model before the
+    convolutional SAM stem found the star by nothing (IoU 0.01 for "the star" here, 0.06 for
+    "the red star"); this one: 0.74 and 0.84 (circle 0.76; square and triangle, not checked,
+    0.46 and 0.64)."""
+    from gsva_ros.data.synth import Background, ObjectSpec, SceneSpec, render
+
+    shapes = ["circle", "square", "star", "triangle"]
+    centres = [(120, 110), (340, 110), (140, 260), (340, 260)]
+    scene = SceneSpec(
+        height=360, width=480, background=Background("solid", {"color": [200, 200, 190]}),
+        objects=[ObjectSpec(s, "red", "big", cx=x, cy=y, radius=58)
+                 for s, (x, y) in zip(shapes, centres, strict=True)],
+    )
+    rgb, masks = render(scene)
+    for command, shape in (("the circle, the square, the star and the triangle", "circle"),
+                           ("the circle, the square, the star and the triangle", "star"),
+                           ("the red star", "star")):
+        result = engine.segment(rgb, command)
+        target = next(t for t in result.targets if shape in t.phrase)
+        assert target.present, (command, shape)
+        ious = [float((target.binary_mask & m).sum() / (target.binary_mask | m).sum())
+                for m in masks]
+        want = shapes.index(shape)
+        assert ious[want] >= 0.6, (command, shape, ious)
+        assert all(iou < 0.3 for i, iou in enumerate(ious) if i != want), (command, shape, ious)
 
 
 def test_shipped_model_writes_the_phrases_it_is_asked(engine, fresh_samples, written_answers):
-    # the previous model, trained on 5-expression conversations only, mis-copied 14 of these
-    # 30 conversations and its answer as written scored gIoU 0.63; this one: 0 and 0.75
+    # the model trained on 5-expression conversations only mis-copied 14 of these 30
+    # conversations and its answer as written scored gIoU 0.63; the one after it: 0 and 0.75;
+    # the shipped one: 2 and 0.78
     _, stats = evaluate(engine, fresh_samples, decoding="generate", progress=False)
     assert stats["conversations"] == 30 and stats["miscopied"] <= 3, stats
     summary, stats = written_answers
