@@ -385,26 +385,28 @@ def test_dataset_names_the_category_of_single_targets_only(data, small):
     assert seen > 0
 
 
-def test_category_objective_is_added_logged_and_never_saved_with_the_model(
-    data, small, tmp_path
+@pytest.mark.parametrize("weights", [
+    {"category_weight": 0.5},
+    {"colour_weight": 0.5},
+    {"category_weight": 0.5, "colour_weight": 2.0},
+])
+def test_pooled_read_outs_are_added_logged_and_never_saved_with_the_model(
+    data, small, tmp_path, weights
 ):
-    opts, recs, state = _train_with_read_out(data, small, tmp_path / "run", category_weight=0.5)
-    assert any(r["category"] > 0 for r in recs)
+    opts, recs, state = _train_with_read_out(data, small, tmp_path / "run", **weights)
+    # read-out: (log key, train-state key, rows of its head)
+    parts = {"category_weight": ("category", "category_head", 4),
+             "colour_weight": ("colour", "colour_head", 3)}
+    for name, (key, head, rows) in parts.items():
+        if name not in weights:
+            assert key not in recs[0] and head not in state
+            continue
+        assert any(r[key] > 0 for r in recs)
+        assert state[head]["weight"].shape == (rows, small[0].sam_prompt_dim)
     for r in recs:
         gsva = r["ce"] + opts.bce_weight * r["bce"] + opts.dice_weight * r["dice"]
-        assert r["loss"] == pytest.approx(gsva + 0.5 * r["category"], rel=1e-4)
-    assert state["category_head"]["weight"].shape == (4, small[0].sam_prompt_dim)
-
-
-def test_colour_objective_is_added_logged_and_never_saved_with_the_model(
-    data, small, tmp_path
-):
-    opts, recs, state = _train_with_read_out(data, small, tmp_path / "run", colour_weight=0.5)
-    assert any(r["colour"] > 0 for r in recs)
-    for r in recs:
-        gsva = r["ce"] + opts.bce_weight * r["bce"] + opts.dice_weight * r["dice"]
-        assert r["loss"] == pytest.approx(gsva + 0.5 * r["colour"], rel=1e-4)
-    assert state["colour_head"]["weight"].shape == (3, small[0].sam_prompt_dim)
+        extra = sum(w * r[parts[name][0]] for name, w in weights.items())
+        assert r["loss"] == pytest.approx(gsva + extra, rel=1e-4)
 
 
 def test_dataset_marks_single_target_slots(data, small):
