@@ -590,21 +590,19 @@ def train(
                     phrase = phrase_loss(head, res.slot_prompts, phrases)
                     loss = loss + opts.phrase_weight * phrase
                 category = colour = None
-                if cat_head is not None:
-                    keep = [c >= 0 for c in categories]
-                    pooled, _ = pool_under_masks(
-                        res.image_embeddings, batch["sam_pixels"], batch["gt_masks"], keep,
-                        batch["resized_sizes"],
-                    )
-                    named = torch.cat(categories)[torch.cat(keep)]
-                    category = category_loss(cat_head, pooled, named)
-                    if category is not None:
-                        loss = loss + opts.category_weight * category
-                if colour_head is not None:
+                if cat_head is not None or colour_head is not None:
+                    # one pooling for both read-outs: a slot with a category is a single target
                     pooled, mean_px = pool_under_masks(
                         res.image_embeddings, batch["sam_pixels"], batch["gt_masks"], single,
                         batch["resized_sizes"],
                     )
+                if cat_head is not None:
+                    cats = torch.cat(categories)[torch.cat(single)].to(pooled.device)
+                    named = cats >= 0
+                    category = category_loss(cat_head, pooled[named], cats[named])
+                    if category is not None:
+                        loss = loss + opts.category_weight * category
+                if colour_head is not None:
                     colour = colour_loss(colour_head, pooled, mean_px)
                     if colour is not None:
                         loss = loss + opts.colour_weight * colour
