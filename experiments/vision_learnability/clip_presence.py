@@ -5,6 +5,8 @@ tokens, projected, to a one-layer attention read-out with one learned query per 
 colour; each query says "present or not" (BCE). Reported: balanced accuracy of the shape and the
 colour answers on 200 held-out scenes, after `--steps` steps (or `--secs` seconds). This
 isolates the question the language model has to answer before it can reject "the purple star".
+``--stem conv`` puts a convolutional stem in place of the 14×14 patchify projection (a 3×3
+stride-2 convolution, then a 7×7 stride-7 one: the same 14-px grid), as the tiny SAM uses one.
 """
 
 from __future__ import annotations
@@ -71,6 +73,23 @@ class PresenceProbe(nn.Module):
         return self.head(read)[..., 0]
 
 
+class ConvStem(nn.Sequential):
+    """B×3×S×S → B×C×S/14×S/14 (14 = 2·7, so not SAM's four stride-2 convolutions).
+
+    ``weight`` is there because transformers' CLIP embeddings read the stem's dtype from it."""
+
+    def __init__(self, dim: int, mid: int = 32) -> None:
+        super().__init__(
+            nn.Conv2d(3, mid, 3, 2, 1), nn.GELU(),
+            nn.Conv2d(mid, mid, 3, 1, 1), nn.GELU(),
+            nn.Conv2d(mid, dim, 7, 7),
+        )
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self[-1].weight
+
+
 def balanced_accuracy(pred: torch.Tensor, truth: torch.Tensor) -> float:
     tpr = (pred & truth).sum() / truth.sum()
     tnr = (~pred & ~truth).sum() / (~truth).sum()
@@ -101,11 +120,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="CLIP input size")
     parser.add_argument("--patch", type=int, default=14, help="CLIP patch size")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--stem", choices=("patchify", "conv"), default="patchify")
     args = parser.parse_args()
+    if args.stem == "conv" and args.patch != 14:
+        parser.error("--stem conv makes 14-px patches")
     torch.set_num_threads(2)
     torch.manual_seed(0)
     train, val = make_split(101, 1500, args), make_split(202, 200, args)
     model = PresenceProbe(args.size, args.patch)
+    if args.stem == "conv":
+        # (transformers 4 nests it under .vision_model, 5 does not)
+        embeddings = next(m for m in model.tower.modules() if hasattr(m, "patch_embedding"))
+        embeddings.patch_embedding = ConvStem(embeddings.embed_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     rng = np.random.default_rng(0)
     step, start = 0, time.time()
