@@ -79,17 +79,19 @@ def test_shipped_model_tells_shapes_of_one_colour_apart(engine):
                  for s, (x, y) in zip(shapes, centres, strict=True)],
     )
     rgb, masks = render(scene)
-    for command, shape in (("the circle, the square, the star and the triangle", "circle"),
-                           ("the circle, the square, the star and the triangle", "star"),
-                           ("the red star", "star")):
-        result = engine.segment(rgb, command)
-        target = next(t for t in result.targets if shape in t.phrase)
-        assert target.present, (command, shape)
-        ious = [float((target.binary_mask & m).sum() / (target.binary_mask | m).sum())
-                for m in masks]
-        want = shapes.index(shape)
-        assert ious[want] >= 0.6, (command, shape, ious)
-        assert all(iou < 0.3 for i, iou in enumerate(ious) if i != want), (command, shape, ious)
+    for command, checked in (("the circle, the square, the star and the triangle",
+                              ("circle", "star")),
+                             ("the red star", ("star",))):
+        result = engine.segment(rgb, command)  # once per command, every checked shape in it
+        for shape in checked:
+            target = next(t for t in result.targets if shape in t.phrase)
+            assert target.present, (command, shape)
+            ious = [float((target.binary_mask & m).sum() / (target.binary_mask | m).sum())
+                    for m in masks]
+            want = shapes.index(shape)
+            assert ious[want] >= 0.6, (command, shape, ious)
+            assert all(iou < 0.3 for i, iou in enumerate(ious) if i != want), (
+                command, shape, ious)
 
 
 def test_shipped_model_writes_the_phrases_it_is_asked(engine, fresh_samples, written_answers):
