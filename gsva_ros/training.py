@@ -37,7 +37,7 @@ from PIL import Image
 from gsva_ros.data.grefcoco import group_by_image
 from gsva_ros.model.config import GSVAConfig
 from gsva_ros.model.gsva import GSVAModel, answer_ce
-from gsva_ros.model.preprocess import clip_preprocess, sam_preprocess
+from gsva_ros.model.preprocess import clip_preprocess, clip_resized_size, sam_preprocess
 from gsva_ros.model.prompt import ANSWER_START, encode_conversation
 
 
@@ -94,6 +94,10 @@ class TrainOptions:
     # colour (SAM-normalised RGB of the pixels under its mask; MSE) from the same pooled
     # embedding. Needs no labels, so it works on any data.
     colour_weight: float = 0.0
+    # The same two read-outs from CLIP's projected patch features (what the language model
+    # sees) pooled over the target's mask, each with this weight: the language model can only
+    # say [REJ] for an absent shape if CLIP's features carry shape.
+    clip_weight: float = 0.0
 
 
 @dataclass
@@ -398,6 +402,36 @@ def pool_under_masks(
     return torch.cat(pooled), torch.cat(colours)
 
 
+def pool_clip_under_masks(
+    image_features: torch.Tensor,
+    gt_masks: list[torch.Tensor],
+    keep: list[torch.Tensor],
+    image_size: int,
+) -> torch.Tensor:
+    """CLIP's projected patch features averaged under each kept slot's mask.
+
+    ``image_features`` B×g²×C (row-major patch grid of the ``image_size`` crop); per image b,
+    ``gt_masks[b]`` n×H×W and ``keep[b]`` n bools. The mask goes through CLIP's own geometry
+    (shortest edge to ``image_size``, centre crop, averaged to g×g); a mask wholly outside the
+    crop pools to zero. Returns N×C (N = kept slots, batch order).
+    """
+    g = math.isqrt(image_features.shape[1])
+    pooled = []
+    for b, k in enumerate(keep):
+        if not bool(k.any()):
+            continue
+        m = gt_masks[b][k.to(gt_masks[b].device)].float()[:, None]
+        nh, nw = clip_resized_size(m.shape[-2], m.shape[-1], image_size)
+        m = F.interpolate(m, size=(nh, nw), mode="area")[:, 0]
+        top, left = (nh - image_size) // 2, (nw - image_size) // 2
+        m = m[:, top : top + image_size, left : left + image_size]
+        w = F.adaptive_avg_pool2d(m, g).flatten(1).to(image_features.dtype)  # n×g²
+        pooled.append((w @ image_features[b]) / w.sum(1, keepdim=True).clamp(min=1e-6))
+    if not pooled:
+        return image_features.new_zeros((0, image_features.shape[-1]))
+    return torch.cat(pooled)
+
+
 def category_loss(
     head: torch.nn.Linear, pooled: torch.Tensor, categories: torch.Tensor
 ) -> torch.Tensor | None:
@@ -427,6 +461,71 @@ def colour_loss(
     if len(pooled) == 0:
         return None
     return F.mse_loss(head(pooled.float()), colours.to(pooled.device))
+
+
+def read_out_heads(
+    cfg: GSVAConfig, opts: TrainOptions, categories: int
+) -> dict[str, torch.nn.Linear]:
+    """The training-only linear read-outs the options ask for, by name (the name is the loss's
+    log key; the train state stores the head as ``<name>_head``)."""
+    heads = {}
+    if opts.phrase_weight > 0:
+        heads["phrase"] = torch.nn.Linear(cfg.sam_prompt_dim, cfg.vocab_size)
+    if opts.category_weight > 0:
+        heads["category"] = torch.nn.Linear(cfg.sam_prompt_dim, categories)
+    if opts.colour_weight > 0:
+        heads["colour"] = torch.nn.Linear(cfg.sam_prompt_dim, 3)
+    if opts.clip_weight > 0:
+        heads["clip_category"] = torch.nn.Linear(cfg.hidden_size, categories)
+        heads["clip_colour"] = torch.nn.Linear(cfg.hidden_size, 3)
+    return heads
+
+
+def read_out_weight(opts: TrainOptions, name: str) -> float:
+    """The loss weight of read-out ``name`` (see :func:`read_out_heads`)."""
+    if name.startswith("clip_"):
+        return opts.clip_weight
+    return {"phrase": opts.phrase_weight, "category": opts.category_weight,
+            "colour": opts.colour_weight}[name]
+
+
+def read_out_losses(
+    heads: dict[str, torch.nn.Linear], res, batch: dict, phrases: list, categories: list,
+    single: list, cfg: GSVAConfig,
+) -> dict[str, torch.Tensor]:
+    """Each head's loss on this batch, by name; a pooled read-out without any single target
+    in the batch has none."""
+    out = {}
+    if "phrase" in heads:
+        out["phrase"] = phrase_loss(heads["phrase"], res.slot_prompts, phrases)
+    pools = {}
+    if "category" in heads or "colour" in heads:
+        # one pooling for both read-outs: a slot with a category is a single target
+        pools[""] = pool_under_masks(
+            res.image_embeddings, batch["sam_pixels"], batch["gt_masks"], single,
+            batch["resized_sizes"],
+        )
+    if "clip_category" in heads:
+        mean_px = pools[""][1] if "" in pools else pool_under_masks(
+            res.image_embeddings.detach(), batch["sam_pixels"], batch["gt_masks"], single,
+            batch["resized_sizes"])[1]
+        clip = pool_clip_under_masks(
+            res.image_features, batch["gt_masks"], single, cfg.vision_image_size
+        )
+        pools["clip_"] = (clip, mean_px)
+    cats = torch.cat(categories)[torch.cat(single)] if categories else None
+    for prefix, (pooled, mean_px) in pools.items():
+        if prefix + "category" in heads:
+            c = cats.to(pooled.device)
+            named = c >= 0
+            value = category_loss(heads[prefix + "category"], pooled[named], c[named])
+            if value is not None:
+                out[prefix + "category"] = value
+        if prefix + "colour" in heads:
+            value = colour_loss(heads[prefix + "colour"], pooled, mean_px)
+            if value is not None:
+                out[prefix + "colour"] = value
+    return out
 
 
 def parameter_groups(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
@@ -489,7 +588,7 @@ def train(
         raise ValueError("training data has no image with a present target")
     dataset = GRESTrainDataset(images, tokenizer, model.config, opts.max_slots, opts.seed,
                                opts.min_slots, opts.short_share)
-    if opts.category_weight > 0:
+    if opts.category_weight > 0 or opts.clip_weight > 0:
         dataset.category_index = category_classes(samples)
         if len(dataset.category_index) < 2:
             raise ValueError("the category objective needs single targets of two or more "
@@ -519,23 +618,15 @@ def train(
         _refuse_lora(model, "category objective")
     if opts.colour_weight > 0:
         _refuse_lora(model, "colour objective")
+    if opts.clip_weight > 0:
+        _refuse_lora(model, "CLIP read-outs")
     aux_rng = random.Random(opts.seed + 1)
     trainable = prepare_trainable(model)
     groups = parameter_groups(trainable)
-    head = None
-    if opts.phrase_weight > 0:  # training-only: never saved with the model
-        head = torch.nn.Linear(model.config.sam_prompt_dim, model.config.vocab_size)
-        head = head.to(model.device)
-        groups[0] = [*groups[0], *head.parameters()]
-    cat_head = None
-    if opts.category_weight > 0:  # training-only, like the phrase head
-        cat_head = torch.nn.Linear(model.config.sam_prompt_dim, len(dataset.category_index))
-        cat_head = cat_head.to(model.device)
-        groups[0] = [*groups[0], *cat_head.parameters()]
-    colour_head = None
-    if opts.colour_weight > 0:  # training-only, like the phrase head
-        colour_head = torch.nn.Linear(model.config.sam_prompt_dim, 3).to(model.device)
-        groups[0] = [*groups[0], *colour_head.parameters()]
+    heads = read_out_heads(model.config, opts, len(dataset.category_index))
+    for h in heads.values():  # training-only: saved in the train state, never with the model
+        h.to(model.device)
+        groups[0] = [*groups[0], *h.parameters()]
     params = [p for g in groups for p in g]
     optim = torch.optim.AdamW(
         [{"params": g} for g in groups], lr=opts.lr, betas=(0.9, 0.95), weight_decay=0.0
@@ -549,12 +640,9 @@ def train(
         optim.load_state_dict(state["optim"])
         sched.load_state_dict(state["sched"])
         step = int(state["step"])
-        if head is not None and "phrase_head" in state:
-            head.load_state_dict(state["phrase_head"])
-        if cat_head is not None and "category_head" in state:
-            cat_head.load_state_dict(state["category_head"])
-        if colour_head is not None and "colour_head" in state:
-            colour_head.load_state_dict(state["colour_head"])
+        for name, h in heads.items():
+            if f"{name}_head" in state:
+                h.load_state_dict(state[f"{name}_head"])
     log = (out / "loss_log.jsonl").open("a")
     bar = tqdm(total=opts.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     trainable.train()
@@ -585,27 +673,9 @@ def train(
                     text = text_batch(images, tokenizer, base.config, aux_rng, opts.aux_lm_rows)
                     aux = text_lm_loss(base, text)
                     loss = loss + opts.aux_lm_weight * aux
-                phrase = None
-                if head is not None:
-                    phrase = phrase_loss(head, res.slot_prompts, phrases)
-                    loss = loss + opts.phrase_weight * phrase
-                category = colour = None
-                if cat_head is not None or colour_head is not None:
-                    # one pooling for both read-outs: a slot with a category is a single target
-                    pooled, mean_px = pool_under_masks(
-                        res.image_embeddings, batch["sam_pixels"], batch["gt_masks"], single,
-                        batch["resized_sizes"],
-                    )
-                if cat_head is not None:
-                    cats = torch.cat(categories)[torch.cat(single)].to(pooled.device)
-                    named = cats >= 0
-                    category = category_loss(cat_head, pooled[named], cats[named])
-                    if category is not None:
-                        loss = loss + opts.category_weight * category
-                if colour_head is not None:
-                    colour = colour_loss(colour_head, pooled, mean_px)
-                    if colour is not None:
-                        loss = loss + opts.colour_weight * colour
+                extra = read_out_losses(heads, res, batch, phrases, categories, single, base.config)
+                for name, value in extra.items():
+                    loss = loss + read_out_weight(opts, name) * value
             accelerator.backward(loss)
             if opts.grad_clip > 0:
                 accelerator.clip_grad_norm_(params, opts.grad_clip)
@@ -617,12 +687,8 @@ def train(
             vals["loss"] = float(loss.detach())
             if aux is not None:
                 vals["aux_lm"] = float(aux.detach())
-            if phrase is not None:
-                vals["phrase"] = float(phrase.detach())
-            if cat_head is not None:  # every step, so the running average has a stable key
-                vals["category"] = float(category.detach()) if category is not None else 0.0
-            if colour_head is not None:
-                vals["colour"] = float(colour.detach()) if colour is not None else 0.0
+            for name in heads:  # every step (0 without targets): the running average's keys
+                vals[name] = float(extra[name].detach()) if name in extra else 0.0
             running = (
                 vals
                 if running is None
@@ -642,7 +708,7 @@ def train(
             if step % opts.save_every == 0 or step == opts.steps:
                 _save_state(
                     accelerator, trainable, optim, sched, step, tokenizer, out / "last", opts,
-                    head, cat_head, colour_head,
+                    heads,
                 )
             if step >= opts.steps or not math.isfinite(vals["loss"]):
                 break
@@ -657,8 +723,7 @@ def train(
 
 
 def _save_state(
-    accelerator, trainable, optim, sched, step, tokenizer, path: Path, opts, head=None,
-    cat_head=None, colour_head=None,
+    accelerator, trainable, optim, sched, step, tokenizer, path: Path, opts, heads=None
 ) -> None:
     if not accelerator.is_main_process:
         return
@@ -677,12 +742,8 @@ def _save_state(
         "sched": sched.state_dict(),
         "step": step,
     }
-    if head is not None:
-        state["phrase_head"] = head.state_dict()
-    if cat_head is not None:
-        state["category_head"] = cat_head.state_dict()
-    if colour_head is not None:
-        state["colour_head"] = colour_head.state_dict()
+    for name, h in (heads or {}).items():
+        state[f"{name}_head"] = h.state_dict()
     tmp = path / "train_state.pt.tmp"
     torch.save(state, tmp)
     tmp.replace(path / "train_state.pt")

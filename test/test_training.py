@@ -385,28 +385,59 @@ def test_dataset_names_the_category_of_single_targets_only(data, small):
     assert seen > 0
 
 
+# read-outs by option: (log key, train-state key, rows of its head, whether it reads CLIP)
+READ_OUTS = {
+    "category_weight": [("category", "category_head", 4, False)],
+    "colour_weight": [("colour", "colour_head", 3, False)],
+    "clip_weight": [("clip_category", "clip_category_head", 4, True),
+                    ("clip_colour", "clip_colour_head", 3, True)],
+}
+
+
 @pytest.mark.parametrize("weights", [
     {"category_weight": 0.5},
     {"colour_weight": 0.5},
     {"category_weight": 0.5, "colour_weight": 2.0},
+    {"clip_weight": 0.5},
+    {"category_weight": 0.5, "colour_weight": 2.0, "clip_weight": 3.0},
 ])
 def test_pooled_read_outs_are_added_logged_and_never_saved_with_the_model(
     data, small, tmp_path, weights
 ):
+    cfg = small[0]
     opts, recs, state = _train_with_read_out(data, small, tmp_path / "run", **weights)
-    # read-out: (log key, train-state key, rows of its head)
-    parts = {"category_weight": ("category", "category_head", 4),
-             "colour_weight": ("colour", "colour_head", 3)}
-    for name, (key, head, rows) in parts.items():
-        if name not in weights:
-            assert key not in recs[0] and head not in state
-            continue
-        assert any(r[key] > 0 for r in recs)
-        assert state[head]["weight"].shape == (rows, small[0].sam_prompt_dim)
+    for option, parts in READ_OUTS.items():
+        for key, head, rows, clip in parts:
+            if option not in weights:
+                assert key not in recs[0] and head not in state
+                continue
+            assert any(r[key] > 0 for r in recs)
+            dim = cfg.hidden_size if clip else cfg.sam_prompt_dim
+            assert state[head]["weight"].shape == (rows, dim)
     for r in recs:
         gsva = r["ce"] + opts.bce_weight * r["bce"] + opts.dice_weight * r["dice"]
-        extra = sum(w * r[parts[name][0]] for name, w in weights.items())
+        extra = sum(w * r[key] for option, w in weights.items()
+                    for key, *_ in READ_OUTS[option])
         assert r["loss"] == pytest.approx(gsva + extra, rel=1e-4)
+
+
+def test_clip_pooling_follows_clips_centre_crop():
+    from gsva_ros.training import pool_clip_under_masks
+
+    # image 4×8 (H×W), CLIP input 4 px: resized to 4×8, centre crop = columns 2-5; grid 2×2
+    feats = torch.arange(4 * 3, dtype=torch.float32).reshape(1, 4, 3)  # cells row-major
+    masks = torch.zeros(4, 4, 8, dtype=torch.bool)
+    masks[0, 0:2, 2:4] = True  # cell (0, 0)
+    masks[1, :, 4:6] = True  # cells (0, 1) and (1, 1)
+    masks[2, 2:4, 0:2] = True  # outside the crop: nothing of it reaches the language model
+    masks[3, :, :] = True  # not kept below
+    keep = torch.tensor([True, True, True, False])
+    pooled = pool_clip_under_masks(feats, [masks], [keep], 4)
+    f = feats[0]
+    want = torch.stack([f[0], (f[1] + f[3]) / 2, torch.zeros(3)])
+    assert torch.allclose(pooled, want)
+    none = pool_clip_under_masks(feats, [masks], [torch.zeros(4, dtype=torch.bool)], 4)
+    assert none.shape == (0, 3)
 
 
 def test_dataset_marks_single_target_slots(data, small):

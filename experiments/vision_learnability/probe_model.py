@@ -4,7 +4,8 @@ A linear probe (logistic regression, fitted on the objects of the first 70 % of 
 scored on the rest) reads each object's shape and colour from SAM's image embedding averaged
 under the object's mask, with the training objectives' own pooling
 (``gsva_ros.training.pool_under_masks``); ``--tower clip``: from the projected CLIP patch
-features the language model sees, averaged under the mask in CLIP's resize-and-crop geometry.
+features the language model sees, averaged under the mask in CLIP's resize-and-crop geometry
+(``pool_clip_under_masks``, which the ``--clip-aux`` read-outs train on).
 Scenes: ``gsva-ros synth``'s generator, seed 202 (never used in training). Prints accuracy
 and the commonest class's share, as JSON.
 """
@@ -21,21 +22,17 @@ from common import color_index, scene, shape_index
 
 from gsva_ros.data.synth import COLORS, SHAPES, render
 from gsva_ros.model.checkpoint import load_checkpoint
-from gsva_ros.model.preprocess import clip_preprocess, clip_resized_size, sam_preprocess
-from gsva_ros.training import pool_under_masks
+from gsva_ros.model.preprocess import clip_preprocess, sam_preprocess
+from gsva_ros.training import pool_clip_under_masks, pool_under_masks
 
 
 def clip_pooled(model, image: np.ndarray, masks: torch.Tensor) -> torch.Tensor:
     """n×H×W masks → n×C CLIP patch features (projected) averaged under each mask."""
     size = model.config.vision_image_size
-    g = size // model.config.vision_patch_size
     with torch.no_grad():
-        feats = model.encode_clip(clip_preprocess(image, size)[None])[0]  # g²×C
-    nh, nw = clip_resized_size(image.shape[0], image.shape[1], size)
-    m = F.interpolate(masks.float()[:, None], size=(nh, nw), mode="area")[:, 0]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    w = F.adaptive_avg_pool2d(m[:, top : top + size, left : left + size], g).flatten(1)
-    return (w @ feats) / w.sum(1, keepdim=True).clamp(min=1e-6)
+        feats = model.encode_clip(clip_preprocess(image, size)[None])
+    every = [torch.ones(len(masks), dtype=torch.bool)]
+    return pool_clip_under_masks(feats, [masks], every, size)
 
 
 def features(model, n: int, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, list]:

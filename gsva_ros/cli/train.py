@@ -120,6 +120,15 @@ def add_parser(sub, name: str) -> argparse.ArgumentParser:
         help="loss weight of a training-only read-out of each single target's mean colour "
         "from SAM's image embedding under its mask (keeps colour beside --category-aux)",
     )
+    p.add_argument(
+        "--clip-aux",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="loss weight of the same two read-outs (shape and colour) from CLIP's projected "
+        "features under each single target's mask: what the language model sees, so it can "
+        "reject an absent shape",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
@@ -168,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
         bad.append("--category-aux must be >= 0")
     if args.colour_aux < 0:
         bad.append("--colour-aux must be >= 0")
+    if args.clip_aux < 0:
+        bad.append("--clip-aux must be >= 0")
     if args.max_slots < 1 or not 0 <= args.min_slots <= args.max_slots:
         bad.append("need --max-slots >= 1 and 0 <= --min-slots <= --max-slots")
     if not 0.0 <= args.short_share <= 1.0:
@@ -219,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         phrase_weight=args.phrase_aux,
         category_weight=args.category_aux,
         colour_weight=args.colour_aux,
+        clip_weight=args.clip_aux,
         rej_mask_weight=args.rej_mask_weight,
     )
     summary = train(model, tokenizer, samples, out, opts, resume=resume)

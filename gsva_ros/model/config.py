@@ -16,6 +16,8 @@ from pathlib import Path
 # The choices of ``sam_stem`` (built by ``gsva_ros.model.sam_stem``; listed here so that
 # reading a config needs no torch).
 SAM_STEMS = ("patchify", "conv", "conv-ln")
+# The choices of ``vision_stem`` (CLIP's tower; built by ``gsva_ros.model.clip_stem``).
+VISION_STEMS = ("patchify", "conv")
 
 # LLaVA's sentinel for "the image goes here"; expanded in place to the 256 CLIP tokens.
 IMAGE_TOKEN_INDEX = -200
@@ -63,6 +65,9 @@ class GSVAConfig:
     # How pixels become the 1/16 token grid (``sam_stem.STEMS``): SAM's own 16×16 patchify,
     # or a convolutional stem the tiny model can learn shape with (only with 16-px patches).
     sam_stem: str = "patchify"
+    # The same choice for CLIP's tower (``clip_stem.STEMS``): CLIP's own patchify projection,
+    # or a convolutional stem with the same patch grid (only with even patch sizes).
+    vision_stem: str = "patchify"
 
     # Tokens (7B layout: the LLaVA-7B tokenizer already holds <im_patch>, <im_start>, <im_end>)
     bos_token_id: int = 1
@@ -122,6 +127,13 @@ class GSVAConfig:
         if stem != "patchify" and data.get("sam_patch_size", 16) != 16:
             raise ValueError(f"GSVA config field 'sam_stem' {stem!r} makes 16-px patches; "
                              f"sam_patch_size is {data['sam_patch_size']}")
+        vstem = data.get("vision_stem", "patchify")
+        if vstem not in VISION_STEMS:
+            raise ValueError(f"GSVA config field 'vision_stem' must be one of "
+                             f"{', '.join(VISION_STEMS)}, got {vstem!r:.40}")
+        if vstem != "patchify" and data.get("vision_patch_size", 14) % 2:
+            raise ValueError(f"GSVA config field 'vision_stem' {vstem!r} needs an even "
+                             f"vision_patch_size, got {data['vision_patch_size']}")
         threshold = data.get("presence_threshold", 0.5)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"GSVA config field 'presence_threshold' must be in (0, 1), "
@@ -199,6 +211,8 @@ def tiny(vocab_size: int = 1024) -> GSVAConfig:
         sam_iou_head_hidden_dim=64,
         # SAM's patchify stem hardly learns shape from scratch at this size; this one does.
         sam_stem="conv-ln",
+        # The same for CLIP's tower: what lets the language model see which shapes are there.
+        vision_stem="conv",
         lora_r=0,
         max_new_tokens=96,
     )

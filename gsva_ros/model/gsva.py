@@ -32,6 +32,7 @@ from segment_anything.modeling.image_encoder import get_rel_pos
 from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from gsva_ros.model.clip_stem import set_stem as set_clip_stem
 from gsva_ros.model.config import IMAGE_TOKEN_INDEX, GSVAConfig
 from gsva_ros.model.preprocess import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from gsva_ros.model.sam_stem import set_stem
@@ -85,6 +86,10 @@ def build_llava(cfg: GSVAConfig) -> LlavaForConditionalGeneration:
     config._attn_implementation = "sdpa"
     llava = LlavaForConditionalGeneration(config)
     llava.model.multi_modal_projector = LinearProjector(cfg.vision_hidden_size, cfg.hidden_size)
+    # (transformers 4 nests the embeddings under .vision_model, 5 does not)
+    tower = llava.model.vision_tower
+    set_clip_stem(next(m for m in tower.modules() if hasattr(m, "patch_embedding")),
+                  cfg.vision_stem)
     return llava
 
 
@@ -141,6 +146,8 @@ class TrainOutput:
     slot_prompts: torch.Tensor | None = None
     # SAM's image embedding, B×C×g×g (with gradient), for training-only image objectives.
     image_embeddings: torch.Tensor | None = None
+    # CLIP's projected patch features, B×g²×H (with gradient): what the language model sees.
+    image_features: torch.Tensor | None = None
 
 
 def answer_ce(
@@ -336,6 +343,7 @@ class GSVAModel(nn.Module):
         return TrainOutput(
             loss=loss, ce=ce.detach(), bce=bce.detach(), dice=dice.detach(),
             slot_prompts=torch.cat(all_prompts), image_embeddings=image_embeddings,
+            image_features=image_features,
         )
 
     # ------------------------------------------------------------------ inference options
