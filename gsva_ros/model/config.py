@@ -179,9 +179,9 @@ def gsva_13b() -> GSVAConfig:
 def tiny(vocab_size: int = 1024) -> GSVAConfig:
     """The embedded CPU model: same architecture, sizes small enough to train on 2 cores.
 
-    SAM runs at 384 px (24×24 embedding, 96×96 low-res masks) instead of 1024 px, with a
-    convolutional stem (``sam_stem``); token ids are filled in from the project's own
-    tokenizer when it is built.
+    SAM runs at 384 px (24×24 embedding, 96×96 low-res masks) instead of 1024 px; SAM's and
+    CLIP's towers have convolutional stems (``sam_stem``, ``vision_stem``); token ids are
+    filled in from the project's own tokenizer when it is built.
     """
     return GSVAConfig(
         name="tiny",
