@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 
 from gsva_ros.model.clip_stem import ConvStem
-from gsva_ros.model.config import GSVAConfig
 from gsva_ros.model.gsva import GSVAModel
 
 
@@ -59,28 +57,3 @@ def test_conv_stem_follows_the_models_dtype():
     stem = ConvStem(8, 14).to(torch.bfloat16)
     assert stem.weight.dtype == torch.bfloat16
     assert stem(torch.randn(1, 3, 28, 28, dtype=torch.bfloat16)).shape == (1, 8, 2, 2)
-
-
-def test_conv_stem_model_round_trips_through_a_checkpoint(tiny_config, tiny_tokenizer, tmp_path):
-    from gsva_ros.model.checkpoint import load_checkpoint, save_checkpoint
-
-    cfg = dataclasses.replace(tiny_config, vision_stem="conv")
-    torch.manual_seed(1)
-    model = GSVAModel(cfg).eval()
-    save_checkpoint(model, tiny_tokenizer, tmp_path / "m")
-    loaded, _ = load_checkpoint(tmp_path / "m")
-    assert loaded.config.vision_stem == "conv"
-    x = torch.randn(1, 3, cfg.vision_image_size, cfg.vision_image_size)
-    with torch.no_grad():
-        assert torch.equal(model.encode_clip(x), loaded.encode_clip(x))
-
-
-def test_config_checks_the_vision_stem():
-    base = GSVAConfig(name="t").to_dict()
-    del base["vision_stem"]
-    assert GSVAConfig.from_dict(base).vision_stem == "patchify"  # configs written before it
-    with pytest.raises(ValueError, match="vision_stem"):
-        GSVAConfig.from_dict({**base, "vision_stem": "conv-ln"})
-    with pytest.raises(ValueError, match="even vision_patch_size"):
-        GSVAConfig.from_dict({**base, "vision_stem": "conv", "vision_patch_size": 15})
-    assert GSVAConfig.from_dict({**base, "vision_stem": "conv"}).vision_stem == "conv"

@@ -1,4 +1,5 @@
-"""SAM's image-encoder stem: the convolutional options keep SAM's geometry and checkpoints."""
+"""Image-encoder stems: the convolutional options keep the towers' geometry and checkpoints
+(SAM's here; CLIP's own in test_clip_stem.py, its config and checkpoint checks here)."""
 
 from __future__ import annotations
 
@@ -33,27 +34,32 @@ def test_conv_stem_gives_sams_token_grid_and_a_different_encoder(tiny_config, st
 
 
 def test_conv_stem_model_round_trips_through_a_checkpoint(tiny_config, tiny_tokenizer, tmp_path):
+    """Both towers' convolutional stems (SAM's and CLIP's, ``clip_stem``) load bit-exactly."""
     from gsva_ros.model.checkpoint import load_checkpoint, save_checkpoint
 
-    cfg = dataclasses.replace(tiny_config, sam_stem="conv-ln")
+    cfg = dataclasses.replace(tiny_config, sam_stem="conv-ln", vision_stem="conv")
     torch.manual_seed(1)
     model = GSVAModel(cfg).eval()
     save_checkpoint(model, tiny_tokenizer, tmp_path / "m")
     loaded, _ = load_checkpoint(tmp_path / "m")
-    assert loaded.config.sam_stem == "conv-ln"
-    x = torch.randn(1, 3, cfg.sam_image_size, cfg.sam_image_size)
+    assert (loaded.config.sam_stem, loaded.config.vision_stem) == ("conv-ln", "conv")
+    sam_x = torch.randn(1, 3, cfg.sam_image_size, cfg.sam_image_size)
+    clip_x = torch.randn(1, 3, cfg.vision_image_size, cfg.vision_image_size)
     with torch.no_grad():
-        want = model.visual_model.image_encoder(x)
-        got = loaded.visual_model.image_encoder(x)
-    assert torch.equal(want, got)
+        assert torch.equal(model.encode_sam(sam_x), loaded.encode_sam(sam_x))
+        assert torch.equal(model.encode_clip(clip_x), loaded.encode_clip(clip_x))
 
 
-def test_config_checks_the_stem():
+@pytest.mark.parametrize("field, bad_patch, patch_error", [
+    ("sam_stem", {"sam_patch_size": 14}, "16-px patches"),
+    ("vision_stem", {"vision_patch_size": 15}, "even vision_patch_size"),  # CLIP's tower
+])
+def test_config_checks_the_stems(field, bad_patch, patch_error):
     base = GSVAConfig(name="t").to_dict()
-    del base["sam_stem"]
-    assert GSVAConfig.from_dict(base).sam_stem == "patchify"  # configs written before it
-    with pytest.raises(ValueError, match="sam_stem"):
-        GSVAConfig.from_dict({**base, "sam_stem": "resnet"})
-    with pytest.raises(ValueError, match="16-px patches"):
-        GSVAConfig.from_dict({**base, "sam_stem": "conv", "sam_patch_size": 14})
-    assert GSVAConfig.from_dict({**base, "sam_stem": "conv"}).sam_stem == "conv"
+    del base[field]
+    assert getattr(GSVAConfig.from_dict(base), field) == "patchify"  # configs written before
+    with pytest.raises(ValueError, match=field):
+        GSVAConfig.from_dict({**base, field: "resnet"})
+    with pytest.raises(ValueError, match=patch_error):
+        GSVAConfig.from_dict({**base, field: "conv", **bad_patch})
+    assert getattr(GSVAConfig.from_dict({**base, field: "conv"}), field) == "conv"
