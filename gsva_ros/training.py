@@ -498,31 +498,29 @@ def read_out_losses(
     out = {}
     if "phrase" in heads:
         out["phrase"] = phrase_loss(heads["phrase"], res.slot_prompts, phrases)
-    pools = {}
-    if "category" in heads or "colour" in heads:
-        # one pooling for both read-outs: a slot with a category is a single target
-        pools[""] = pool_under_masks(
-            res.image_embeddings, batch["sam_pixels"], batch["gt_masks"], single,
-            batch["resized_sizes"],
-        )
+    if not any(name != "phrase" for name in heads):
+        return out
+    # one SAM pooling for every pooled read-out (its mean pixel is the colour target of both
+    # towers); a slot with a category is a single target
+    sam, mean_px = pool_under_masks(
+        res.image_embeddings, batch["sam_pixels"], batch["gt_masks"], single,
+        batch["resized_sizes"],
+    )
+    pooled = {"": sam}
     if "clip_category" in heads:
-        mean_px = pools[""][1] if "" in pools else pool_under_masks(
-            res.image_embeddings.detach(), batch["sam_pixels"], batch["gt_masks"], single,
-            batch["resized_sizes"])[1]
-        clip = pool_clip_under_masks(
+        pooled["clip_"] = pool_clip_under_masks(
             res.image_features, batch["gt_masks"], single, cfg.vision_image_size
         )
-        pools["clip_"] = (clip, mean_px)
-    cats = torch.cat(categories)[torch.cat(single)] if categories else None
-    for prefix, (pooled, mean_px) in pools.items():
+    cats = torch.cat(categories)[torch.cat(single)]
+    for prefix, feats in pooled.items():
         if prefix + "category" in heads:
-            c = cats.to(pooled.device)
+            c = cats.to(feats.device)
             named = c >= 0
-            value = category_loss(heads[prefix + "category"], pooled[named], c[named])
+            value = category_loss(heads[prefix + "category"], feats[named], c[named])
             if value is not None:
                 out[prefix + "category"] = value
         if prefix + "colour" in heads:
-            value = colour_loss(heads[prefix + "colour"], pooled, mean_px)
+            value = colour_loss(heads[prefix + "colour"], feats, mean_px)
             if value is not None:
                 out[prefix + "colour"] = value
     return out
